@@ -1,0 +1,298 @@
+"""One typed, validated configuration schema for synthbrain.
+
+A *profile* fixes everything that must agree across the consortium: the voxel grid
+(shape and spacing), intensity normalisation, the VQ-VAE and prior architectures and
+the default training hyper-parameters. A *site config* is what a hospital controls:
+where its data is, how its ``participants.tsv`` is spelt, its minimum cohort size and
+(later) its privacy budget.
+
+YAML goes in, pydantic validates it. Unknown keys and bad values raise
+:class:`ConfigError` whose message names the offending key path, e.g.
+``vqvae.num_embeddings: Input should be greater than 1``.
+
+Built-in profiles live in ``fl_app/profiles/<name>.yaml`` (``cpu-demo`` and
+``full-1mm``); a profile file may ``extends: <name>`` another and override any key.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+TISSUE_LABELS: dict[int, str] = {0: "background", 1: "CSF", 2: "GM", 3: "WM"}
+"""Tissue label convention of every label map read or written by synthbrain."""
+
+
+class ConfigError(ValueError):
+    """A configuration file or dictionary is invalid; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Triple = tuple[float, float, float]
+IntTriple = tuple[int, int, int]
+
+
+class DataSection(_Strict):
+    """Voxel grid and intensity normalisation every site preprocesses to."""
+
+    shape: IntTriple = Field(description="Model grid (x, y, z) in voxels, RAS order.")
+    spacing: Triple = Field(description="Voxel size (x, y, z) in mm.")
+    lower_percentile: float = Field(0.5, ge=0.0, lt=50.0)
+    upper_percentile: float = Field(99.5, gt=50.0, le=100.0)
+    min_fov_mm: Triple = Field(
+        (140.0, 160.0, 110.0),
+        description="Smallest physical field of view (x, y, z, mm) an input image may have.",
+    )
+    voxel_size_range_mm: tuple[float, float] = Field(
+        (0.2, 6.0), description="Plausible voxel size range of input images, in mm."
+    )
+    anti_alias: bool = Field(True, description="Gaussian pre-filter when down-sampling.")
+
+    @field_validator("shape")
+    @classmethod
+    def _positive_shape(cls, v: IntTriple) -> IntTriple:
+        if any(s < 8 for s in v):
+            raise ValueError(f"every dimension must be at least 8 voxels, got {list(v)}")
+        return v
+
+    @field_validator("spacing", "min_fov_mm")
+    @classmethod
+    def _positive(cls, v: Triple) -> Triple:
+        if any(not math.isfinite(s) or s <= 0 for s in v):
+            raise ValueError(f"every value must be a positive number, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _range_ok(self) -> DataSection:
+        lo, hi = self.voxel_size_range_mm
+        if not 0 < lo < hi:
+            raise ValueError("voxel_size_range_mm must be (low, high) with 0 < low < high")
+        return self
+
+    @property
+    def fov_mm(self) -> Triple:
+        return tuple(n * s for n, s in zip(self.shape, self.spacing, strict=True))  # type: ignore[return-value]
+
+
+class VQVAESection(_Strict):
+    """MONAI VQVAE architecture and quantiser; see fl_app.models.vqvae."""
+
+    channels: tuple[int, ...] = (32, 64, 128)
+    num_res_layers: int = Field(1, ge=0)
+    num_res_channels: tuple[int, ...] = (32, 64, 128)
+    num_embeddings: int = Field(256, gt=1)
+    embedding_dim: int = Field(32, gt=0)
+    commitment_cost: float = Field(0.25, ge=0.0)
+    ema_decay: float = Field(0.99, gt=0.0, lt=1.0)
+    quantiser: Literal["ema", "loss"] = Field(
+        "ema", description="'ema' = MONAI's EMA codebook; 'loss' = learned through the loss (DP-safe)."
+    )
+    joint_labels: bool = Field(True, description="Encode the tissue label map with the image.")
+    label_weight: float = Field(1.0, ge=0.0)
+    dead_code_restart: bool = True
+
+    @model_validator(mode="after")
+    def _levels(self) -> VQVAESection:
+        if len(self.channels) != len(self.num_res_channels):
+            raise ValueError("channels and num_res_channels must have the same length (one per level)")
+        return self
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** len(self.channels)
+
+
+class PriorSection(_Strict):
+    """Conditional decoder-only transformer prior; see fl_app.models.prior."""
+
+    d_model: int = Field(256, gt=0)
+    n_layers: int = Field(8, gt=0)
+    n_heads: int = Field(8, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    attention: Literal["softmax", "linear"] = "softmax"
+    ordering: Literal["raster", "random"] = "raster"
+    cond_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    age_range: tuple[float, float] = (20.0, 95.0)
+
+    @model_validator(mode="after")
+    def _heads(self) -> PriorSection:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        return self
+
+
+class TrainSection(_Strict):
+    """Default local-training hyper-parameters."""
+
+    batch_size: int = Field(4, gt=0)
+    lr: float = Field(1e-3, gt=0.0)
+    epochs: int = Field(10, gt=0)
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    amp: Literal["none", "bf16"] = "none"
+    seed: int = 0
+    num_workers: int = Field(0, ge=0)
+
+
+class Profile(_Strict):
+    """A complete, validated profile (``cpu-demo``, ``full-1mm`` or a custom one)."""
+
+    name: str
+    description: str = ""
+    data: DataSection
+    vqvae: VQVAESection = VQVAESection()
+    prior: PriorSection = PriorSection()
+    train: TrainSection = TrainSection()
+
+    @model_validator(mode="after")
+    def _grid_divisible(self) -> Profile:
+        f = self.vqvae.downsample_factor
+        if any(s % f for s in self.data.shape):
+            raise ValueError(
+                f"data.shape {list(self.data.shape)} must be divisible by the VQ-VAE's "
+                f"down-sampling factor {f} (2 ** number of levels)"
+            )
+        return self
+
+    @property
+    def code_shape(self) -> IntTriple:
+        f = self.vqvae.downsample_factor
+        return tuple(s // f for s in self.data.shape)  # type: ignore[return-value]
+
+
+class CohortColumns(_Strict):
+    """How a site's participants.tsv (or CSV manifest) spells its columns and values."""
+
+    participant_id: str = "participant_id"
+    age: str = "age"
+    sex: str = "sex"
+    diagnosis: str = "diagnosis"
+    path: str = "path"
+    label_path: str = "label_path"
+    sex_values: dict[str, Literal["F", "M"]] = Field(
+        default_factory=lambda: {"F": "F", "M": "M", "female": "F", "male": "M"},
+        description="Raw value (case-insensitive) -> F/M.",
+    )
+    diagnosis_values: dict[str, Literal["CN", "MCI", "AD"]] = Field(
+        default_factory=lambda: {"CN": "CN", "MCI": "MCI", "AD": "AD"},
+        description="Raw value (case-insensitive) -> CN/MCI/AD.",
+    )
+    age_range: tuple[float, float] = (0.0, 120.0)
+
+
+class SiteConfig(_Strict):
+    """What one hospital site controls (read by its client and by ``site check``)."""
+
+    name: str = "site"
+    bids_dir: Path | None = None
+    manifest: Path | None = None
+    profile: str = "cpu-demo"
+    columns: CohortColumns = CohortColumns()
+    min_subjects: int = Field(4, ge=1)
+    cache_dir: Path | None = None
+    label_derivative: str | None = Field(
+        None, description="Name of the derivatives/<name> folder holding dseg maps; None = any."
+    )
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def builtin_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def _profile_dict(name_or_path: str | Path, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        path = p
+    else:
+        path = PROFILE_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ConfigError(
+                f"unknown profile {str(name_or_path)!r}; built-in profiles: {', '.join(builtin_profiles())}"
+            )
+    if str(path) in _seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is not None:
+        data = _deep_merge(_profile_dict(parent, (*_seen, str(path))), data)
+    data.setdefault("name", path.stem)
+    return data
+
+
+def load_profile(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Profile:
+    """Load a built-in profile by name, or a profile YAML by path, with optional overrides."""
+    data = _profile_dict(name_or_path)
+    if overrides:
+        data = _deep_merge(data, overrides)
+    return profile_from_dict(data, source=str(name_or_path))
+
+
+def profile_from_dict(data: dict[str, Any], source: str = "profile") -> Profile:
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, source)) from None
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read a site YAML; relative data paths are resolved against the YAML's folder."""
+    path = Path(path)
+    data = _read_yaml(path)
+    try:
+        cfg = SiteConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, str(path))) from None
+    base = path.parent
+    for key in ("bids_dir", "manifest", "cache_dir"):
+        val = getattr(cfg, key)
+        if val is not None and not val.is_absolute():
+            setattr(cfg, key, (base / val).resolve())
+    return cfg
+
+
+def profile_to_yaml(profile: Profile) -> str:
+    return yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False)

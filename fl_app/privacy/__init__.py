@@ -1,0 +1,1 @@
+"""synthbrain privacy."""
