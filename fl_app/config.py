@@ -97,8 +97,20 @@ class VQVAESection(_Strict):
         "ema", description="'ema' = MONAI's EMA codebook; 'loss' = learned through the loss (DP-safe)."
     )
     joint_labels: bool = Field(True, description="Encode the tissue label map with the image.")
-    label_weight: float = Field(1.0, ge=0.0)
-    dead_code_restart: bool = True
+    label_weight: float = Field(1.0, ge=0.0, description="Weight of the label cross-entropy term.")
+    dead_code_restart: bool = Field(
+        True, description="Re-seed unused codes from local encoder outputs (never under DP)."
+    )
+    dead_code_every: int = Field(50, gt=0, description="Steps between dead-code checks.")
+    codebook_init_scale: float | None = Field(
+        None, gt=0.0, description="'loss' codebook init U(-s, s); None = 1/num_embeddings."
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    checkpointing: bool = Field(False, description="Activation checkpointing (saves GPU memory).")
+    recon_loss: Literal["l1", "l2", "l1+l2"] = Field("l1", description="Image reconstruction loss.")
+    adv_weight: float = Field(
+        0.0, ge=0.0, description="Weight of the optional patch-adversarial term (non-DP only)."
+    )
 
     @model_validator(mode="after")
     def _levels(self) -> VQVAESection:
@@ -196,7 +208,10 @@ class SiteConfig(_Strict):
     manifest: Path | None = None
     profile: str = "cpu-demo"
     columns: CohortColumns = CohortColumns()
-    min_subjects: int = Field(4, ge=1)
+    min_subjects: int = Field(4, ge=1, description="Fewest valid subjects a site needs to join.")
+    max_invalid_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="Largest fraction of listed subjects that may fail `site check`."
+    )
     cache_dir: Path | None = None
     label_derivative: str | None = Field(
         None, description="Name of the derivatives/<name> folder holding dseg maps; None = any."
@@ -256,10 +271,11 @@ def _profile_dict(name_or_path: str | Path, _seen: tuple[str, ...] = ()) -> dict
     if str(path) in _seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle")
     data = _read_yaml(path)
+    name = data.get("name", path.stem)
     parent = data.pop("extends", None)
     if parent is not None:
         data = _deep_merge(_profile_dict(parent, (*_seen, str(path))), data)
-    data.setdefault("name", path.stem)
+    data["name"] = name
     return data
 
 

@@ -1,0 +1,152 @@
+"""``synthbrain`` command line.
+
+synthbrain profiles                     list / show profiles
+synthbrain simulate ...                 write simulated hospital sites (BIDS)
+synthbrain site check --bids DIR ...    validate a site's data before it joins
+synthbrain train-local vqvae|prior ...  centralised (non-federated) baselines
+synthbrain demo                         the end-to-end demo on simulated sites
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from fl_app import __version__
+from fl_app.config import (
+    ConfigError,
+    SiteConfig,
+    builtin_profiles,
+    load_profile,
+    load_site_config,
+    profile_to_yaml,
+)
+
+
+def _cmd_profiles(args: argparse.Namespace) -> int:
+    if args.name:
+        print(profile_to_yaml(load_profile(args.name)), end="")
+        return 0
+    for name in builtin_profiles():
+        p = load_profile(name)
+        shape = "x".join(map(str, p.data.shape))
+        codes = "x".join(map(str, p.code_shape))
+        print(
+            f"{name:10s} {shape} @ {p.data.spacing[0]:g} mm -> {codes} codes, K={p.vqvae.num_embeddings}  "
+            f"{p.description}"
+        )
+    return 0
+
+
+def _cmd_site_check(args: argparse.Namespace) -> int:
+    from fl_app.data.cohort import CohortError, read_bids, read_manifest
+    from fl_app.data.validate import check_site
+
+    cfg = load_site_config(args.config) if args.config else SiteConfig()
+    if args.bids:
+        cfg.bids_dir = Path(args.bids)
+    if args.manifest:
+        cfg.manifest = Path(args.manifest)
+    if args.min_subjects is not None:
+        cfg.min_subjects = args.min_subjects
+    profile = load_profile(args.profile or cfg.profile)
+    try:
+        if cfg.bids_dir is not None:
+            cohort = read_bids(cfg.bids_dir, cfg)
+        elif cfg.manifest is not None:
+            cohort = read_manifest(cfg.manifest, cfg)
+        else:
+            print("error: give --bids DIR, --manifest CSV, or a --config naming one", file=sys.stderr)
+            return 2
+    except CohortError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    report = check_site(
+        cohort,
+        profile,
+        min_subjects=cfg.min_subjects,
+        max_invalid_fraction=cfg.max_invalid_fraction,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    print(report.format_table())
+    if args.json:
+        report.write_json(args.json)
+        print(f"JSON report written to {args.json}")
+    return 0 if report.ok else 1
+
+
+def _add_site_parser(sub: argparse._SubParsersAction) -> None:
+    site = sub.add_parser("site", help="hospital-site tools (data check)")
+    site_sub = site.add_subparsers(dest="site_command", required=True)
+    chk = site_sub.add_parser(
+        "check",
+        help="validate every subject of a site's data; exit 0 if the site can join",
+        description="Reads every image and label map (read-only), checks covariates, geometry and labels, prints "
+        "a table of every problem and exits 0 when the site can join, 1 otherwise. Nothing is sent anywhere.",
+    )
+    chk.add_argument("--bids", help="BIDS folder of the site")
+    chk.add_argument("--manifest", help="CSV manifest (path, age, sex, diagnosis[, label_path])")
+    chk.add_argument("--config", help="site YAML (data location, column names, minimum subjects)")
+    chk.add_argument("--profile", help="profile name or YAML (default: the site config's, else cpu-demo)")
+    chk.add_argument("--min-subjects", type=int, help="override the minimum number of valid subjects")
+    chk.add_argument("--json", help="also write the report as JSON here")
+    chk.add_argument("--quiet", action="store_true", help="no progress bar")
+    chk.set_defaults(func=_cmd_site_check)
+
+
+# (module, function) adding each command's sub-parser; the modules own their commands.
+COMMAND_MODULES: list[tuple[str, str]] = [
+    ("fl_app.data.simulate", "add_simulate_parser"),
+]
+
+
+def _command_parsers() -> list[Callable[[argparse._SubParsersAction], None]]:
+    import importlib
+
+    adders = []
+    for module, func in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue  # command not built yet
+        adders.append(getattr(mod, func))
+    return adders
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="synthbrain",
+        description="Federated generative modelling of 3D brain MRI (VQ-VAE + transformer prior on NVFlare).",
+    )
+    parser.add_argument("--version", action="version", version=f"synthbrain {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    prof = sub.add_parser("profiles", help="list built-in profiles, or print one as YAML")
+    prof.add_argument("name", nargs="?")
+    prof.set_defaults(func=_cmd_profiles)
+    for add in _command_parsers():
+        add(sub)
+    _add_site_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"configuration error:\n{exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Site cohorts: reading, validation, preprocessing, simulated sites and the torch dataset."""
