@@ -1,0 +1,154 @@
+"""Vector quantisers for the VQ-VAE, including a codebook that differential privacy can cover.
+
+MONAI's :class:`~monai.networks.layers.vector_quantizer.EMAQuantizer` learns its codebook by an
+exponential moving average of raw batch statistics (``ema_cluster_size``, ``ema_w`` buffers and an
+in-place copy into ``embedding.weight``), all outside the optimiser. Under DP-SGD that update is neither
+clipped nor noised, yet the codebook is part of the state that leaves a site. :class:`LossQuantizer`
+instead learns the codebook through the loss (van den Oord et al. 2017, eq. 3): a codebook term
+``||sg[z_e] - e||²`` plus a commitment term ``β ||z_e - sg[e]||²``, with the straight-through
+estimator for the encoder. Its only state is one parameter (``embedding.weight``, an ``nn.Embedding`` so
+Opacus computes per-sample gradients with its registered embedding grad sampler); it has no buffers and
+changes nothing in ``forward``.
+
+Both quantisers share the interface MONAI's ``VectorQuantizer`` wrapper and ``VQVAE`` expect:
+``quantize(z) -> (flat, one_hot, indices)``, ``embed(indices) -> z_q`` and
+``forward(z) -> (z_q_straight_through, loss, indices)``.
+
+:func:`restart_dead_codes` re-seeds unused codes from encoder outputs of the local data; it mutates
+parameters outside the optimiser and is therefore refused for DP training (see ``fl_app.train``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.vector_quantizer import EMAQuantizer
+from torch import nn
+
+__all__ = ["LossQuantizer", "codebook_usage", "restart_dead_codes"]
+
+
+class LossQuantizer(nn.Module):
+    """Codebook learned by gradient descent (codebook + commitment loss, straight-through estimator).
+
+    Args:
+        spatial_dims: 2 or 3.
+        num_embeddings: codebook size K.
+        embedding_dim: code vector dimension D (= encoder output channels).
+        commitment_cost: β, weight of the commitment term ``||z_e - sg[e]||²``.
+        init_scale: codes are initialised uniformly in ``[-init_scale, init_scale]``
+            (data-independent, so safe for DP).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        num_embeddings: int,
+        embedding_dim: int,
+        commitment_cost: float = 0.25,
+        init_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self.spatial_dims = spatial_dims
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.commitment_cost = float(commitment_cost)
+        self.embedding = nn.Embedding(num_embeddings, embedding_dim)
+        scale = init_scale if init_scale is not None else 1.0 / num_embeddings
+        nn.init.uniform_(self.embedding.weight, -scale, scale)
+        # channel-last permutation (B, C, *S) -> (B, *S, C) and back
+        self._to_last = [0, *range(2, spatial_dims + 2), 1]
+        self._to_first = [0, spatial_dims + 1, *range(1, spatial_dims + 1)]
+
+    def quantize(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Nearest-code assignment (no gradient).
+
+        Args:
+            inputs: encoder output (B, D, *S).
+
+        Returns:
+            flat inputs (B·prod(S), D), one-hot assignments (B·prod(S), K) and indices (B, *S) int64.
+        """
+        with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False):
+            idx_shape = [inputs.shape[0], *inputs.shape[2:]]
+            flat = inputs.float().permute(self._to_last).reshape(-1, self.embedding_dim)
+            w = self.embedding.weight.detach().float()
+            dist = (flat**2).sum(1, keepdim=True) + (w**2).sum(1)[None, :] - 2.0 * flat @ w.t()
+            indices = dist.argmin(dim=1)
+            one_hot = F.one_hot(indices, self.num_embeddings).float()
+            return flat, one_hot, indices.view(idx_shape)
+
+    def embed(self, embedding_indices: torch.Tensor) -> torch.Tensor:
+        """Codes (B, *S) int64 -> code vectors (B, D, *S), channel first, float32."""
+        with torch.autocast(embedding_indices.device.type, enabled=False):
+            return self.embedding(embedding_indices).permute(self._to_first).contiguous()
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Quantise ``inputs`` (B, D, *S).
+
+        Returns:
+            ``(z_q, loss, indices)``: straight-through quantised tensor (B, D, *S) whose gradient flows
+            to ``inputs``; scalar loss ``mse(e, sg[z]) + β·mse(z, sg[e])`` whose gradient reaches the
+            codebook; indices (B, *S) int64.
+        """
+        _, _, indices = self.quantize(inputs)
+        quantized = self.embed(indices)  # the one place the codebook enters the graph
+        z = inputs.float()
+        codebook_loss = F.mse_loss(quantized, z.detach())
+        commitment_loss = F.mse_loss(z, quantized.detach())
+        loss = codebook_loss + self.commitment_cost * commitment_loss
+        quantized_st = z + (quantized - z).detach()
+        return quantized_st, loss, indices
+
+
+def codebook_usage(indices: torch.Tensor, num_embeddings: int) -> torch.Tensor:
+    """Counts of each code in ``indices`` (any shape, int64) -> float tensor (K,)."""
+    return torch.bincount(indices.reshape(-1).long(), minlength=num_embeddings).float()
+
+
+@torch.no_grad()
+def restart_dead_codes(
+    quantizer: nn.Module,
+    counts: torch.Tensor,
+    encoder_outputs: torch.Tensor,
+    generator: torch.Generator | None = None,
+    noise_std: float = 1e-3,
+) -> int:
+    """Re-seed codes that were never used with random local encoder outputs (non-DP training only).
+
+    Args:
+        quantizer: a :class:`LossQuantizer` or MONAI ``EMAQuantizer``.
+        counts: usage counts (K,) accumulated since the last restart.
+        encoder_outputs: encoder outputs (B, D, *S) or already flat (N, D) to sample from.
+        generator: optional RNG for reproducible choices.
+        noise_std: small jitter added so restarted codes do not coincide.
+
+    Returns:
+        Number of codes restarted.
+    """
+    dead = torch.nonzero(counts.to(torch.device("cpu")) == 0).flatten()
+    if dead.numel() == 0:
+        return 0
+    d = quantizer.embedding_dim
+    flat = encoder_outputs
+    if flat.dim() != 2:
+        perm = [0, *range(2, flat.dim()), 1]
+        flat = flat.permute(perm).reshape(-1, d)
+    flat = flat.detach().float()
+    weight = quantizer.embedding.weight
+    pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=generator).to(flat.device)
+    jitter = torch.randn(dead.numel(), d, generator=generator).to(flat.device) * noise_std
+    new = (flat[pick] + jitter).to(weight.device, weight.dtype)
+    dead = dead.to(weight.device)
+    weight.data[dead] = new
+    if isinstance(quantizer, EMAQuantizer):
+        # keep the EMA statistics consistent: embedding = ema_w / smoothed cluster size
+        quantizer.ema_cluster_size.data[dead] = 1.0
+        n = quantizer.ema_cluster_size.sum()
+        k = quantizer.num_embeddings
+        eps = quantizer.epsilon
+        weights = (quantizer.ema_cluster_size + eps) / (n + k * eps) * n
+        quantizer.ema_w.data[dead] = new * weights[dead].unsqueeze(1)
+    return int(dead.numel())

@@ -1,0 +1,48 @@
+"""Small helpers shared by local training functions (plain PyTorch, no NVFlare)."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import resource
+import sys
+
+import numpy as np
+import torch
+
+__all__ = ["autocast", "is_dp_optimizer", "peak_rss_mb", "resolve_device", "seed_everything"]
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``"auto"``/None -> CUDA if available else CPU; anything else -> ``torch.device(device)``."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, amp: str | bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when ``amp`` is ``"bf16"``/True; a no-op otherwise (and on CPU)."""
+    enabled = (amp is True or amp == "bf16") and device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def is_dp_optimizer(optimizer: torch.optim.Optimizer) -> bool:
+    """True for an Opacus ``DPOptimizer`` (clipping + noise + accounting)."""
+    try:
+        from opacus.optimizers import DPOptimizer
+    except ImportError:  # pragma: no cover - opacus is a dependency
+        return False
+    return isinstance(optimizer, DPOptimizer)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024.0 if sys.platform != "darwin" else rss / 2**20
