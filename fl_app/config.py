@@ -132,13 +132,33 @@ class PriorSection(_Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     attention: Literal["softmax", "linear"] = "softmax"
     ordering: Literal["raster", "random"] = "raster"
-    cond_dropout: float = Field(0.1, ge=0.0, le=1.0)
-    age_range: tuple[float, float] = (20.0, 95.0)
+    cond_dropout: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Training-time probability of replacing covariates by 'unknown': all three at once "
+        "with this probability, otherwise each one independently with it. 1.0 = unconditional model.",
+    )
+    age_range: tuple[float, float] = Field(
+        (20.0, 95.0), description="Ages mapped to [0, 1] before the age embedding (years)."
+    )
+    age_frequencies: int = Field(6, ge=0, description="Fourier frequencies of the age embedding.")
+    mlp_ratio: int = Field(4, gt=0, description="Hidden width of each block's MLP / d_model.")
+    ordering_seed: int = Field(0, description="Seed of the fixed permutation when ordering is 'random'.")
+    linear_impl: Literal["auto", "torch", "fast"] = Field(
+        "auto",
+        description="Linear attention kernel: 'fast' = pytorch-fast-transformers (the 'fast' extra), "
+        "'torch' = pure PyTorch, 'auto' = fast when installed (float32) else torch.",
+    )
+    linear_chunk: int = Field(64, gt=0, description="Chunk length of the pure-PyTorch causal linear attention.")
 
     @model_validator(mode="after")
     def _heads(self) -> PriorSection:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        lo, hi = self.age_range
+        if not lo < hi:
+            raise ValueError(f"age_range must be (low, high) with low < high, got {[lo, hi]}")
         return self
 
 

@@ -1,0 +1,202 @@
+"""Batched autoregressive sampling of code grids from a :class:`~fl_app.models.prior.ConditionalPrior`.
+
+Unlike MONAI's ``VQVAETransformerInferer.sample``, which recomputes the whole sequence for every new
+token (O(N²) token-forwards per sample), the sampler absorbs the condition prefix once and then one
+token per step: a key/value cache for the softmax back end, the constant-size recurrent state for the
+linear back end. ``use_cache=False`` keeps the recompute path as a reference (used by the tests).
+
+The returned code grids (n, cx, cy, cz) go straight into ``fl_app.models.vqvae.decode``.
+
+Reproducibility: with ``seed`` (or a ``generator``), the same call gives the same codes. Samples
+are drawn batch after batch from one generator, so the codes of sample ``i`` depend on
+``batch_size`` as well as the seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fl_app.data.covariates import (
+    DIAGNOSES,
+    SEXES,
+    UNKNOWN_DIAGNOSIS,
+    UNKNOWN_SEX,
+    diagnosis_index,
+    sex_index,
+)
+from fl_app.models.prior import ConditionalPrior
+
+__all__ = ["filter_logits", "make_condition", "sample", "sample_next"]
+
+
+def make_condition(
+    n: int,
+    age: float | tuple[float, float] | Sequence[float] | None = None,
+    sex: str | None = None,
+    diagnosis: str | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Condition tensors for ``n`` samples, e.g. women aged 70–80 with AD:
+    ``make_condition(8, age=(70, 80), sex="F", diagnosis="AD")``.
+
+    Args:
+        n: number of samples.
+        age: None (unknown), one age for all, or a ``(low, high)`` range drawn uniformly per sample.
+        sex: "F", "M" or None (unknown).
+        diagnosis: "CN", "MCI", "AD" or None (unknown).
+        generator: RNG for drawing ages from a range.
+
+    Returns:
+        ``{"age": float (n,) (NaN = unknown), "sex": long (n,), "diagnosis": long (n,)}``.
+    """
+    if sex is not None and sex not in SEXES:
+        raise ValueError(f"sex must be one of {SEXES} or None, got {sex!r}")
+    if diagnosis is not None and diagnosis not in DIAGNOSES:
+        raise ValueError(f"diagnosis must be one of {DIAGNOSES} or None, got {diagnosis!r}")
+    if age is None:
+        ages = torch.full((n,), math.nan)
+    elif isinstance(age, (int, float)):
+        ages = torch.full((n,), float(age))
+    else:
+        lo, hi = (float(a) for a in age)
+        if not lo <= hi:
+            raise ValueError(f"age range must be (low, high) with low <= high, got {[lo, hi]}")
+        ages = lo + (hi - lo) * torch.rand(n, generator=generator)
+    return {
+        "age": ages,
+        "sex": torch.full((n,), sex_index(sex), dtype=torch.long),
+        "diagnosis": torch.full((n,), diagnosis_index(diagnosis), dtype=torch.long),
+    }
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Top-k then nucleus (top-p) filtering: logits (B, V) -> logits with excluded entries at -inf.
+
+    Top-p keeps the smallest set of most probable tokens whose probability reaches ``top_p`` (the
+    most probable token always stays).
+    """
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = (cum - sorted_logits.softmax(-1)) >= top_p  # mass before this token already enough
+        remove[:, 0] = False
+        logits = logits.masked_fill(remove.scatter(1, idx, remove), -math.inf)
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw one code per row: logits (B, V) -> LongTensor (B,). ``temperature <= 0`` = greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _cond_tensor(cond: Mapping[str, torch.Tensor] | None, key: str, n: int) -> torch.Tensor:
+    if cond is None or cond.get(key) is None:
+        if key == "age":
+            return torch.full((n,), math.nan)
+        return torch.full((n,), UNKNOWN_SEX if key == "sex" else UNKNOWN_DIAGNOSIS, dtype=torch.long)
+    t = torch.as_tensor(cond[key])
+    if t.dim() == 0:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"cond[{key!r}] must have shape ({n},), got {tuple(t.shape)}")
+    return t.float() if key == "age" else t.long()
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    n: int,
+    cond: Mapping[str, torch.Tensor] | None = None,
+    code_shape: tuple[int, int, int] | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Sample ``n`` code grids.
+
+    Args:
+        model: a :class:`ConditionalPrior` (put in eval mode for the call; its mode is restored).
+        n: number of samples.
+        cond: ``{"age": float (n,), "sex": long (n,), "diagnosis": long (n,)}``; a missing key, NaN age
+            or an "unknown" index means unconditional in that covariate (see :func:`make_condition`).
+        code_shape: must equal the model's grid if given (a check; the grid is fixed by the model).
+        temperature: softmax temperature; ``<= 0`` means greedy decoding.
+        top_k: keep only the k most probable codes.
+        top_p: nucleus sampling threshold in (0, 1].
+        generator: torch RNG (on ``device``) to draw from; overrides ``seed``.
+        seed: seeds a fresh generator, for reproducible samples.
+        batch_size: samples decoded together (default: all ``n``).
+        progress: show a tqdm progress bar over tokens.
+        device: where to run (default: the model's device).
+        use_cache: False = recompute the whole sequence for every token (reference path).
+
+    Returns:
+        LongTensor (n, cx, cy, cz) on the CPU, codes in [0, V).
+    """
+    if not isinstance(model, ConditionalPrior):
+        raise TypeError(f"expected a ConditionalPrior, got {type(model).__name__}")
+    if code_shape is not None and tuple(code_shape) != model.code_shape:
+        raise ValueError(f"code_shape {tuple(code_shape)} does not match the model's {model.code_shape}")
+    dev = torch.device(device) if device is not None else model.head.weight.device
+    if generator is None:
+        generator = torch.Generator(device=dev)
+        if seed is not None:
+            generator.manual_seed(seed)
+        else:
+            generator.seed()
+    age = _cond_tensor(cond, "age", n)
+    sex = _cond_tensor(cond, "sex", n)
+    dx = _cond_tensor(cond, "diagnosis", n)
+    bs = n if not batch_size else int(batch_size)
+    seq_len = model.seq_len
+    was_training = model.training
+    model.to(dev).eval()
+    out = []
+    bar = tqdm(total=n * seq_len, unit="tok", disable=not progress, desc="sampling codes")
+    try:
+        for s in range(0, n, bs):
+            sl = slice(s, min(s + bs, n))
+            a, x, d = age[sl].to(dev), sex[sl].to(dev), dx[sl].to(dev)
+            b = a.shape[0]
+            tokens = torch.empty(b, seq_len, dtype=torch.long, device=dev)
+            if use_cache:
+                state = model.new_state(b, dev)
+                logits = model.prefill(a, x, d, state)
+            for i in range(seq_len):
+                if not use_cache:
+                    logits = model(tokens[:, :i], a, x, d)[:, -1]
+                tokens[:, i] = sample_next(logits, temperature, top_k, top_p, generator)
+                if use_cache and i < seq_len - 1:
+                    logits = model.step(tokens[:, i], state)
+                bar.update(b)
+            out.append(model.sequence_to_grid(tokens).cpu())
+    finally:
+        bar.close()
+        model.train(was_training)
+    if not out:
+        return torch.empty(0, *model.code_shape, dtype=torch.long)
+    return torch.cat(out)
