@@ -287,7 +287,8 @@ class ConditionalPrior(nn.Module):
         if length > self.seq_len - 1:
             raise ValueError(f"at most {self.seq_len - 1} input codes, got {length}")
         x = torch.cat([self.condition_prefix(age, sex, diagnosis), self.tok_emb(tokens)], dim=1)
-        pos = torch.arange(PREFIX_LEN + length, device=x.device)
+        # positions as a (B, T) index tensor: Opacus' embedding grad sampler needs the batch dimension
+        pos = torch.arange(PREFIX_LEN + length, device=x.device).expand(x.shape[0], -1)
         x = self.drop(x + self.pos_emb(pos))
         for block in self.blocks:
             x = block(x)
