@@ -1,0 +1,102 @@
+"""Helpers shared by the thin NVFlare client scripts (``fl_app/train/client_vqvae.py``, ``client_prior.py``).
+
+Nothing here does training math: it resolves the site's YAML, opens its data, applies the site's compute
+settings, turns received global weights into a torch ``state_dict``, and computes the update
+(``local − global``) the client sends back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from fl_app.config import Profile
+from fl_app.fl.site import FLSiteConfig, find_site_config, load_fl_site_config
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "add_common_client_args",
+    "apply_compute",
+    "open_site_dataset",
+    "resolve_site",
+    "state_delta",
+    "to_state_dict",
+]
+
+
+def add_common_client_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments every synthbrain client script takes (set by the job; the site YAML can cap them)."""
+    p.add_argument("--site-config", default=None, help="site YAML (default: $SYNTHBRAIN_SITE_CONFIG)")
+    p.add_argument("--site-config-dir", default=None, help="folder of <site>.yaml (simulator / POC)")
+    p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round")
+    p.add_argument("--max-steps", type=int, default=None, help="cap on local optimiser steps per round")
+    p.add_argument("--batch-size", type=int, default=None, help="default: profile train.batch_size")
+    p.add_argument("--lr", type=float, default=None, help="default: profile train.lr")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def resolve_site(site_name: str, args: argparse.Namespace) -> FLSiteConfig:
+    """The site's :class:`FLSiteConfig` (see :func:`fl_app.fl.site.find_site_config`)."""
+    path = find_site_config(site_name, args.site_config, args.site_config_dir)
+    cfg = load_fl_site_config(path)
+    log.info("site %s: config %s", site_name, path)
+    return cfg
+
+
+def apply_compute(cfg: FLSiteConfig) -> torch.device:
+    """Apply the site's compute settings; returns the training device."""
+    if cfg.compute.gpus:
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in cfg.compute.gpus))
+    if cfg.compute.num_threads:
+        torch.set_num_threads(cfg.compute.num_threads)
+    if cfg.compute.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.compute.device)
+
+
+def open_site_dataset(cfg: FLSiteConfig, profile: Profile):
+    """The site's :class:`~fl_app.data.dataset.SiteDataset` (preprocessed once into its cache)."""
+    from fl_app.data.cohort import read_cohort
+    from fl_app.data.dataset import SiteDataset
+
+    cohort = read_cohort(cfg.site)
+    ds = SiteDataset(cohort.valid(), profile, cache_dir=cfg.site.cache_dir)
+    if len(ds) < cfg.site.min_subjects:
+        raise RuntimeError(
+            f"site {cfg.name}: {len(ds)} usable subjects, fewer than its min_subjects ({cfg.site.min_subjects})"
+        )
+    log.info("site %s: %d subjects usable (%d skipped)", cfg.name, len(ds), ds.n_skipped)
+    return ds
+
+
+def to_state_dict(params: Mapping[str, Any], prefix: str = "", exclude_prefix: str | None = None) -> dict:
+    """Received FLModel params (numpy or torch) -> ``{name: tensor}``, optionally selecting a prefix."""
+    out = {}
+    for k, v in params.items():
+        if exclude_prefix and k.startswith(exclude_prefix):
+            continue
+        if prefix and not k.startswith(prefix):
+            continue
+        t = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
+        out[k[len(prefix) :]] = t
+    return out
+
+
+def state_delta(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``new − old`` per tensor (CPU), the update a client sends (``ParamsType.DIFF``)."""
+    if set(new) != set(old):
+        raise ValueError(f"state keys differ: {sorted(set(new) ^ set(old))[:5]}")
+    return {k: (new[k].detach().cpu() - old[k].detach().cpu().to(new[k].dtype)) for k in new}
+
+
+def state_checksum(state: Mapping[str, torch.Tensor]) -> float:
+    """Σ |w| over a state dict (float64): a cheap fingerprint proving which weights a client used."""
+    return float(sum(float(v.detach().double().abs().sum()) for v in state.values()))

@@ -1,0 +1,125 @@
+"""The two synthbrain NVFlare jobs, built with NVFlare 2.9's recipe API (``FedAvgRecipe``).
+
+* ``vqvae``: FedAvg of the 3D VQ-VAE; client script :mod:`fl_app.train.client_vqvae`.
+* ``prior``: FedAvg of the conditional transformer prior over the codes of the first job's global
+  VQ-VAE (shipped frozen inside the global model); client script :mod:`fl_app.train.client_prior`.
+
+Server side of both: :class:`fl_app.fl.server.SynthFedAvg` (FedAvg + resume) with
+:class:`fl_app.fl.server.SynthPersistor` (per-round checkpoint with the round number) and
+:class:`fl_app.privacy.aggregation.SynthAggregator` (sample-weighted FedAvg by default; the
+``strategy_path`` / ``strategy_args`` pair selects another strategy, e.g. DP-FedAvg). Client metrics go
+to TensorBoard on the server (NVFlare tracking).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nvflare.apis.dxo import DataKind
+from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe as PTFedAvgRecipe
+from nvflare.recipe.utils import add_experiment_tracking
+
+from fl_app.fl.server import SynthFedAvg, SynthPersistor
+from fl_app.privacy.aggregation import DEFAULT_STRATEGY, SynthAggregator
+
+CLIENT_SCRIPTS = {
+    "vqvae": Path(__file__).resolve().parents[1] / "train" / "client_vqvae.py",
+    "prior": Path(__file__).resolve().parents[1] / "train" / "client_prior.py",
+}
+
+__all__ = ["CLIENT_SCRIPTS", "JobSpec", "SynthFedAvgRecipe", "build_recipe"]
+
+
+class SynthFedAvgRecipe(PTFedAvgRecipe):
+    """NVFlare's PyTorch ``FedAvgRecipe`` with the synthbrain controller (resume) in place of FedAvg."""
+
+    def _create_controller(self, persistor_id: str, model_params: Any, model_aggregator: Any) -> SynthFedAvg:
+        return SynthFedAvg(
+            num_clients=self.min_clients,
+            num_rounds=self.num_rounds,
+            persistor_id=persistor_id,
+            aggregator=model_aggregator,
+            task_name="train",
+        )
+
+
+@dataclass
+class JobSpec:
+    """Everything that defines one job run (what ``synthbrain fl run`` collects from its flags).
+
+    Attributes:
+        kind: ``"vqvae"`` or ``"prior"``.
+        profile: resolved profile dict (``Profile.model_dump(mode="json")``).
+        num_clients: clients per round (= min_clients).
+        num_rounds: total rounds.
+        checkpoint_dir: server-side checkpoint folder (absolute, or relative to the server workspace).
+        frozen_vqvae: prior job: server-side path of the first job's ``global_vqvae.pt``.
+        site_config_dir: folder of ``<site>.yaml`` visible to the clients (simulator / POC); None =
+            every client reads ``$SYNTHBRAIN_SITE_CONFIG`` (production).
+        local_epochs, max_steps, batch_size, lr: local work per round.
+        dp: build the DP-compatible VQ-VAE.
+        strategy_path, strategy_args: the server aggregation strategy.
+        name: NVFlare job name.
+    """
+
+    kind: str
+    profile: dict[str, Any]
+    num_clients: int
+    num_rounds: int
+    checkpoint_dir: str
+    frozen_vqvae: str = ""
+    site_config_dir: str | None = None
+    local_epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    dp: bool = False
+    strategy_path: str = DEFAULT_STRATEGY
+    strategy_args: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+    def train_args(self) -> str:
+        parts = [f"--local-epochs {self.local_epochs}", f"--seed {self.seed}"]
+        if self.site_config_dir:
+            parts.append(f"--site-config-dir {self.site_config_dir}")
+        if self.max_steps:
+            parts.append(f"--max-steps {self.max_steps}")
+        if self.batch_size:
+            parts.append(f"--batch-size {self.batch_size}")
+        if self.lr:
+            parts.append(f"--lr {self.lr}")
+        return " ".join(parts)
+
+
+def build_recipe(spec: JobSpec) -> SynthFedAvgRecipe:
+    """The NVFlare recipe of one synthbrain job (run it with ``recipe.run(env)`` or ``recipe.export``)."""
+    if spec.kind not in CLIENT_SCRIPTS:
+        raise ValueError(f"job kind must be one of {sorted(CLIENT_SCRIPTS)}, got {spec.kind!r}")
+    if spec.kind == "prior" and not spec.frozen_vqvae:
+        raise ValueError("the prior job needs the global VQ-VAE of the vqvae job (frozen_vqvae)")
+    persistor = SynthPersistor(
+        model_kind=spec.kind,
+        profile=spec.profile,
+        checkpoint_dir=str(spec.checkpoint_dir),
+        frozen_vqvae=str(spec.frozen_vqvae),
+        dp=spec.dp,
+        seed=spec.seed,
+    )
+    recipe = SynthFedAvgRecipe(
+        name=spec.name or f"synthbrain-{spec.kind}",
+        min_clients=spec.num_clients,
+        num_rounds=spec.num_rounds,
+        train_script=str(CLIENT_SCRIPTS[spec.kind]),
+        train_args=spec.train_args(),
+        model_persistor=persistor,
+        aggregator=SynthAggregator(spec.strategy_path, spec.strategy_args or None),
+        aggregator_data_kind=DataKind.WEIGHT_DIFF,
+        launch_external_process=False,
+    )
+    # fl_app is installed at every site (the consortium's package): never copy it into the job.
+    recipe._job.set_app_packages(["fl_app"])
+    add_experiment_tracking(recipe, "tensorboard")
+    return recipe

@@ -1,0 +1,300 @@
+"""Server side of the synthbrain jobs: model persistor with per-round checkpoints, and the controller.
+
+:class:`SynthPersistor` builds the initial global model from the consortium profile (or, for the prior
+job, the prior plus the *frozen* global VQ-VAE of the first job under the ``vqvae.`` prefix, so that
+every client encodes its own volumes with exactly that VQ-VAE), and after every round writes
+``<checkpoint_dir>/checkpoint.pt`` atomically: the global weights, the round just completed and the
+per-round metrics history. It also writes the global model in synthbrain's own format
+(``global_vqvae.pt`` / ``global_prior.pt``, readable by :func:`fl_app.models.vqvae.load_vqvae` /
+:func:`fl_app.models.prior.load_prior`).
+
+:class:`SynthFedAvg` is NVFlare's FedAvg controller (streaming aggregation through the pluggable
+:class:`fl_app.privacy.aggregation.SynthAggregator`) plus *resume*: when the persistor finds a
+checkpoint of round ``r``, the job continues with round ``r + 1`` instead of starting over, so a
+server stopped mid-job and the job submitted again lose at most the round in flight.
+
+``checkpoint_dir`` is absolute, or relative to the server's workspace root (production), so that it
+outlives the job's own run folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
+from nvflare.app_common.abstract.model_persistor import ModelPersistor
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.workflows.fedavg import FedAvg
+
+CHECKPOINT_FORMAT = "synthbrain-fl-checkpoint/1"
+FROZEN_PREFIX = "vqvae."
+"""Key prefix of the frozen VQ-VAE weights shipped inside the prior job's global model."""
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "FROZEN_PREFIX",
+    "SynthFedAvg",
+    "SynthPersistor",
+    "build_initial_state",
+    "read_checkpoint",
+]
+
+
+def _to_numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
+
+
+def _to_torch(params: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(np.asarray(v)) for k, v in params.items()}
+
+
+def build_initial_state(
+    model_kind: str, profile: dict[str, Any], dp: bool = False, frozen_vqvae: str = "", seed: int = 0
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Initial global weights and the profile the clients must build from.
+
+    Args:
+        model_kind: ``"vqvae"`` or ``"prior"``.
+        profile: resolved profile dict (``Profile.model_dump(mode="json")``).
+        dp: build the DP-compatible VQ-VAE (loss-learned codebook).
+        frozen_vqvae: prior job only: the global VQ-VAE file of the first job (``global_vqvae.pt``).
+        seed: torch seed of the initialisation.
+
+    Returns:
+        ``(params, profile_dict)``: params ``{name: array}``; for the prior, the prior's weights plus the
+        VQ-VAE's under :data:`FROZEN_PREFIX`; the profile is the VQ-VAE's (grid, codebook) with the job's
+        ``prior`` and ``train`` sections.
+    """
+    from fl_app.config import profile_from_dict
+
+    torch.manual_seed(seed)
+    if model_kind == "vqvae":
+        from fl_app.models.vqvae import build_vqvae
+
+        prof = profile_from_dict(profile, source="job profile")
+        model = build_vqvae(prof, dp=dp)
+        return _to_numpy(model.state_dict()), prof.model_dump(mode="json")
+    if model_kind == "prior":
+        from fl_app.models.prior import build_prior
+        from fl_app.models.vqvae import load_vqvae
+
+        if not frozen_vqvae:
+            raise ValueError("the prior job needs the global VQ-VAE of the first job (frozen_vqvae)")
+        vq, vq_profile = load_vqvae(frozen_vqvae)
+        merged = vq_profile.model_dump(mode="json")
+        for section in ("prior", "train"):
+            if section in profile:
+                merged[section] = profile[section]
+        prof = profile_from_dict(merged, source="prior job profile")
+        prior = build_prior(prof)
+        params = _to_numpy(prior.state_dict())
+        params.update({FROZEN_PREFIX + k: v for k, v in _to_numpy(vq.state_dict()).items()})
+        out = prof.model_dump(mode="json")
+        out["_vqvae_dp"] = bool(vq.dp)
+        return params, out
+    raise ValueError(f"model_kind must be 'vqvae' or 'prior', got {model_kind!r}")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any] | None:
+    """The checkpoint written by :class:`SynthPersistor` (``None`` if there is none)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.exists():
+        return None
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a synthbrain federated checkpoint")
+    return payload
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class SynthPersistor(ModelPersistor):
+    """Initial model + per-round checkpoint (with the round number) + resume for the synthbrain jobs.
+
+    Args:
+        model_kind: ``"vqvae"`` or ``"prior"``.
+        profile: resolved profile dict of the consortium.
+        checkpoint_dir: where ``checkpoint.pt`` and ``global_<kind>.pt`` go (absolute, or relative to
+            the server workspace root).
+        frozen_vqvae: prior job: path of the first job's ``global_vqvae.pt`` on the server.
+        dp: the VQ-VAE is built for DP training (loss-learned codebook).
+        seed: initialisation seed.
+    """
+
+    def __init__(
+        self,
+        model_kind: str = "vqvae",
+        profile: dict | None = None,
+        checkpoint_dir: str = "synthbrain_checkpoints",
+        frozen_vqvae: str = "",
+        dp: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.model_kind = model_kind
+        self.profile = profile or {}
+        self.checkpoint_dir = checkpoint_dir
+        self.frozen_vqvae = frozen_vqvae
+        self.dp = dp
+        self.seed = seed
+        self._resolved: Path | None = None
+
+    def _dir(self, fl_ctx: FLContext) -> Path:
+        if self._resolved is None:
+            p = Path(self.checkpoint_dir)
+            if not p.is_absolute():
+                root = None
+                try:
+                    root = fl_ctx.get_engine().get_workspace().get_root_dir()
+                except Exception:
+                    root = os.getcwd()
+                p = Path(root) / p
+            p.mkdir(parents=True, exist_ok=True)
+            self._resolved = p
+        return self._resolved
+
+    def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
+        ckpt_dir = self._dir(fl_ctx)
+        payload = read_checkpoint(ckpt_dir)
+        if payload is not None:
+            if payload.get("model_kind") != self.model_kind:
+                raise ValueError(f"{ckpt_dir}: checkpoint is of a {payload.get('model_kind')} job")
+            self.log_info(
+                fl_ctx, f"resuming from {ckpt_dir}/checkpoint.pt (round {payload['round']} completed)"
+            )
+            meta = {
+                "last_round": int(payload["round"]),
+                "history": payload.get("history", []),
+                "profile": payload["profile"],
+                "model_kind": self.model_kind,
+                "dp": payload.get("dp", self.dp),
+            }
+            return make_model_learnable(_to_numpy_dict(payload["params"]), meta)
+        frozen = self.frozen_vqvae
+        if frozen and not Path(frozen).is_absolute():
+            frozen = str(Path(os.getcwd()) / frozen)
+        params, profile = build_initial_state(self.model_kind, self.profile, self.dp, frozen, self.seed)
+        dp = bool(profile.pop("_vqvae_dp", self.dp))
+        self.log_info(fl_ctx, f"initial {self.model_kind} model: {len(params)} tensors")
+        meta = {"last_round": -1, "history": [], "profile": profile, "model_kind": self.model_kind, "dp": dp}
+        return make_model_learnable(params, meta)
+
+    def save_model(self, model: ModelLearnable, fl_ctx: FLContext) -> None:
+        ckpt_dir = self._dir(fl_ctx)
+        meta = dict(model.get(ModelLearnableKey.META) or {})
+        rnd = meta.get("last_round")
+        if rnd is None:
+            rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        rnd = -1 if rnd is None else int(rnd)
+        params = _to_torch(model[ModelLearnableKey.WEIGHTS])
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "model_kind": self.model_kind,
+            "round": rnd,
+            "params": params,
+            "history": meta.get("history", []),
+            "profile": meta.get("profile", self.profile),
+            "dp": bool(meta.get("dp", self.dp)),
+        }
+        _atomic_torch_save(payload, ckpt_dir / "checkpoint.pt")
+        self._write_global(payload, ckpt_dir)
+        self.log_info(fl_ctx, f"checkpoint of round {rnd} written to {ckpt_dir}")
+
+    def _write_global(self, payload: dict[str, Any], ckpt_dir: Path) -> None:
+        """``global_<kind>.pt`` in synthbrain's own checkpoint format."""
+        from fl_app.config import profile_from_dict
+
+        prof = profile_from_dict(payload["profile"], source="checkpoint profile")
+        extra = {"round": payload["round"], "federated": True}
+        params = payload["params"]
+        if self.model_kind == "vqvae":
+            from fl_app.models.vqvae import build_vqvae, save_vqvae
+
+            m = build_vqvae(prof, dp=payload["dp"])
+            m.load_state_dict(params)
+            save_vqvae(m, prof, ckpt_dir / "global_vqvae.pt.tmp", extra=extra)
+            os.replace(ckpt_dir / "global_vqvae.pt.tmp", ckpt_dir / "global_vqvae.pt")
+        else:
+            from fl_app.models.prior import build_prior, save_prior
+
+            m = build_prior(prof)
+            m.load_state_dict({k: v for k, v in params.items() if not k.startswith(FROZEN_PREFIX)})
+            save_prior(m, prof, ckpt_dir / "global_prior.pt.tmp", extra=extra)
+            os.replace(ckpt_dir / "global_prior.pt.tmp", ckpt_dir / "global_prior.pt")
+
+
+def _to_numpy_dict(params: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in params.items()}
+
+
+class SynthFedAvg(FedAvg):
+    """FedAvg (sample-weighted, pluggable aggregator) that resumes from the persistor's last round.
+
+    Args:
+        num_clients: clients per round.
+        num_rounds: total rounds of the job (a resumed job runs only the remaining ones).
+        persistor_id: the :class:`SynthPersistor` component's id.
+        aggregator: a ``ModelAggregator`` (normally :class:`fl_app.privacy.aggregation.SynthAggregator`).
+        task_name: the client task.
+    """
+
+    def __init__(
+        self,
+        num_clients: int = 2,
+        num_rounds: int = 2,
+        persistor_id: str = "persistor",
+        aggregator: Any = None,
+        task_name: str = "train",
+    ) -> None:
+        super().__init__(
+            num_clients=num_clients,
+            num_rounds=num_rounds,
+            persistor_id=persistor_id,
+            aggregator=aggregator,
+            task_name=task_name,
+        )
+        self.total_rounds = num_rounds
+        self._history: list[dict[str, Any]] = []
+        self._static_meta: dict[str, Any] = {}
+
+    def load_model(self) -> FLModel:
+        model = super().load_model()
+        meta = dict(model.meta or {})
+        last = int(meta.get("last_round", -1))
+        self._history = list(meta.get("history", []))
+        self._static_meta = {k: meta[k] for k in ("profile", "model_kind", "dp") if k in meta}
+        if last >= 0:
+            self.start_round = last + 1
+            self.num_rounds = max(self.total_rounds - self.start_round, 0)
+            self.info(f"resuming: rounds {self.start_round}..{self.total_rounds - 1} remain")
+        model.meta = {**self._static_meta, "last_round": last, "history": self._history}
+        return model
+
+    def update_model(self, model: FLModel, aggr_result: FLModel) -> FLModel:
+        model = super().update_model(model, aggr_result)
+        ameta = aggr_result.meta or {}
+        record = {
+            "round": int(self.current_round),
+            "metrics": dict(aggr_result.metrics or {}),
+            "sites": copy.deepcopy(ameta.get("site_metrics", {})),
+            "aggregation": ameta.get("aggregation", {}),
+        }
+        self._history.append(record)
+        self.info(f"round {self.current_round} global metrics: {record['metrics']}")
+        model.meta = {**self._static_meta, "last_round": int(self.current_round), "history": self._history}
+        return model

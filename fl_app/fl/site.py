@@ -1,0 +1,172 @@
+"""A hospital site's federation config: the data part (:class:`fl_app.config.SiteConfig`) plus what the site
+controls when it runs an NVFlare client -- local DP settings and privacy budget, compute, local work caps.
+
+One YAML per site (``site_configs/<site>.yaml``)::
+
+    name: site-1
+    bids_dir: /data/site-1             # or manifest: cohort.csv (relative paths: relative to this file)
+    profile: cpu-demo
+    cache_dir: /var/cache/synthbrain    # preprocessed volumes and code grids (never the data folder)
+    min_subjects: 4
+    privacy:                           # local DP-SGD (Opacus), enforced by the site's own client
+      enabled: false
+      noise_multiplier: 1.0
+      max_grad_norm: 1.0
+      delta: 1.0e-5
+      epsilon_budget: 8.0              # the client refuses to train once its spent ε would exceed this
+    compute:
+      device: auto                     # auto | cpu | cuda
+      gpus: []                         # CUDA device ids the client may use (CUDA_VISIBLE_DEVICES)
+      num_threads: null                # torch intra-op threads (null = torch's default)
+    training:                          # caps on the work the consortium's job may ask of this site
+      max_steps_per_round: null
+      batch_size: null
+
+The client finds its YAML from ``$SYNTHBRAIN_SITE_CONFIG`` (what hospital IT sets in the startup kit's
+environment), else from ``--site-config PATH``, else ``<--site-config-dir>/<site name>.yaml`` (the
+simulator and POC, where every simulated site's YAML sits in one folder).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fl_app.config import ConfigError, SiteConfig
+
+ENV_SITE_CONFIG = "SYNTHBRAIN_SITE_CONFIG"
+
+__all__ = [
+    "ENV_SITE_CONFIG",
+    "FLSiteConfig",
+    "SiteCompute",
+    "SitePrivacy",
+    "SiteTraining",
+    "find_site_config",
+    "load_fl_site_config",
+    "write_site_yaml",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SitePrivacy(_Strict):
+    """Local differential privacy (DP-SGD at the site) and the site's privacy budget."""
+
+    enabled: bool = False
+    noise_multiplier: float = Field(1.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    epsilon_budget: float | None = Field(None, gt=0.0, description="Largest total ε the site accepts.")
+
+
+class SiteCompute(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpus: list[int] = Field(default_factory=list)
+    num_threads: int | None = Field(None, gt=0)
+
+
+class SiteTraining(_Strict):
+    max_steps_per_round: int | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, gt=0)
+
+
+_FL_KEYS = {"privacy": SitePrivacy, "compute": SiteCompute, "training": SiteTraining}
+
+
+@dataclass
+class FLSiteConfig:
+    """Everything a site's client reads from its YAML."""
+
+    site: SiteConfig
+    privacy: SitePrivacy
+    compute: SiteCompute
+    training: SiteTraining
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.site.name
+
+
+def _format(err: ValidationError, source: str, prefix: str = "") -> str:
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        out.append(f"{source}: {loc}: {msg}")
+    return "\n".join(out)
+
+
+def fl_site_config_from_dict(
+    data: dict[str, Any], base: Path | None = None, source: str = "site"
+) -> FLSiteConfig:
+    """Validate a site dict; relative data paths are resolved against ``base``."""
+    data = dict(data)
+    parts: dict[str, Any] = {}
+    for key, cls in _FL_KEYS.items():
+        try:
+            parts[key] = cls.model_validate(data.pop(key, None) or {})
+        except ValidationError as exc:
+            raise ConfigError(_format(exc, source, key)) from None
+    try:
+        site = SiteConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, source)) from None
+    if base is not None:
+        for key in ("bids_dir", "manifest", "cache_dir"):
+            val = getattr(site, key)
+            if val is not None and not Path(val).is_absolute():
+                setattr(site, key, (base / val).resolve())
+    return FLSiteConfig(site=site, **parts)
+
+
+def load_fl_site_config(path: str | Path) -> FLSiteConfig:
+    """Read a site YAML (see the module docstring)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    cfg = fl_site_config_from_dict(data, base=path.parent, source=str(path))
+    cfg.path = path
+    return cfg
+
+
+def find_site_config(
+    site_name: str, site_config: str | None = None, site_config_dir: str | None = None
+) -> Path:
+    """Where a client's site YAML is: ``$SYNTHBRAIN_SITE_CONFIG``, ``site_config``, ``<dir>/<site>.yaml``."""
+    env = os.environ.get(ENV_SITE_CONFIG)
+    for cand in (env, site_config):
+        if cand:
+            return Path(cand)
+    if site_config_dir:
+        p = Path(site_config_dir) / f"{site_name}.yaml"
+        if p.exists():
+            return p
+        raise ConfigError(f"no site config for {site_name!r}: {p} does not exist")
+    raise ConfigError(
+        f"no site config for {site_name!r}: set ${ENV_SITE_CONFIG} to the site's YAML "
+        "(or pass --site-config / --site-config-dir in the job)"
+    )
+
+
+def write_site_yaml(path: str | Path, data: dict[str, Any]) -> Path:
+    """Write a site YAML (validated first)."""
+    path = Path(path)
+    fl_site_config_from_dict(data, base=path.parent, source=str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path

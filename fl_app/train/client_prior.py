@@ -1,0 +1,144 @@
+"""NVFlare client script of the ``prior`` job (Client API), a thin shell around :mod:`fl_app.train.prior_local`.
+
+The global model the server sends holds the prior's weights and, under the ``vqvae.`` prefix, the frozen
+global VQ-VAE of the first job. On the first round the client loads that VQ-VAE and encodes its own
+volumes into code grids *locally* (:func:`encode_codes`, cached per subject), so code grids never leave
+the site either. Each round: evaluate the received prior on the site's validation codes (bits per
+code), train with :func:`train_prior_local` (the same function as the centralised run), send the
+prior's weight update (``ParamsType.DIFF``, the VQ-VAE is never sent back) with the number of training
+sequences and the metrics, including ``vqvae_checksum`` (Σ|w| of the VQ-VAE it encoded with).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import math
+import sys
+
+log = logging.getLogger("synthbrain.client.prior")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import nvflare.client as flare
+    from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+    from nvflare.client.tracking import SummaryWriter
+
+    from fl_app.config import profile_from_dict
+    from fl_app.data.dataset import split_indices
+    from fl_app.fl.client import (
+        add_common_client_args,
+        apply_compute,
+        open_site_dataset,
+        resolve_site,
+        state_checksum,
+        state_delta,
+        to_state_dict,
+    )
+    from fl_app.fl.local_dp import SiteDP
+    from fl_app.fl.server import FROZEN_PREFIX
+    from fl_app.models.prior import _unwrap, build_prior
+    from fl_app.models.vqvae import build_vqvae
+    from fl_app.privacy.aggregation import NUM_SAMPLES_KEY
+    from fl_app.train.prior_local import (
+        encode_codes,
+        evaluate_prior,
+        make_prior_loader,
+        make_prior_optimizer,
+        train_prior_local,
+    )
+
+    args = add_common_client_args(argparse.ArgumentParser(description=__doc__)).parse_args(argv)
+    flare.init()
+    site_name = flare.get_site_name()
+    cfg = resolve_site(site_name, args)
+    device = apply_compute(cfg)
+    writer = SummaryWriter()
+
+    model = optimizer = train_loader = val_loader = None
+    dp: SiteDP | None = None
+    vq_sum = math.nan
+    n_train = 0
+    while flare.is_running():
+        in_model = flare.receive()
+        if in_model is None:
+            break
+        rnd = int(in_model.current_round or 0)
+        meta = in_model.meta or {}
+        profile = profile_from_dict(meta["profile"], source="global model")
+        if model is None:
+            vq_state = to_state_dict(in_model.params, prefix=FROZEN_PREFIX)
+            if not vq_state:
+                raise RuntimeError("the prior job's global model carries no VQ-VAE (vqvae.* weights)")
+            vqvae = build_vqvae(profile, dp=bool(meta.get("dp", False)))
+            vqvae.load_state_dict(vq_state)
+            vqvae.to(device).eval()
+            vq_sum = state_checksum(vq_state)
+            vq_key = hashlib.sha256(repr(vq_sum).encode()).hexdigest()[:16]
+            dataset = open_site_dataset(cfg, profile)
+            cache = (cfg.site.cache_dir / "codes") if cfg.site.cache_dir else None
+            codes = encode_codes(vqvae, dataset, cache, vq_key)
+            del vqvae
+            train_idx, val_idx = split_indices(len(codes), profile.train.val_fraction, args.seed)
+            n_train = len(train_idx)
+            bs = cfg.training.batch_size or args.batch_size or profile.train.batch_size
+            train_loader = make_prior_loader(codes.subset(train_idx), bs, shuffle=True, seed=args.seed)
+            val_loader = make_prior_loader(codes.subset(val_idx), bs, shuffle=False) if val_idx else None
+            model = build_prior(profile).to(device)
+            optimizer = make_prior_optimizer(model, args.lr or profile.train.lr)
+            if cfg.privacy.enabled:
+                dp = SiteDP(cfg.privacy)
+                model, optimizer, train_loader = dp.make_private(model, optimizer, train_loader)
+        net = _unwrap(model)
+        received = to_state_dict(in_model.params, exclude_prefix=FROZEN_PREFIX)
+        net.load_state_dict(received)
+        if dp is not None:
+            dp.check_budget(site_name)
+        before = evaluate_prior(net, val_loader, device) if val_loader is not None else {}
+        max_steps = args.max_steps
+        if cfg.training.max_steps_per_round:
+            max_steps = min(max_steps or 10**9, cfg.training.max_steps_per_round)
+        result = train_prior_local(
+            model,
+            train_loader,
+            profile,
+            optimizer=optimizer,
+            device=device,
+            epochs=args.local_epochs,
+            max_steps=max_steps,
+        )
+        after = evaluate_prior(net, val_loader, device) if val_loader is not None else {}
+        final = result["final"]
+        n_seq = int(result.get("train_sequences", n_train))
+        metrics = {
+            "train_loss": float(final.get("loss", math.nan)),
+            "train_bits_per_code": float(final.get("bits_per_code", math.nan)),
+            "global_val_bits_per_code": float(before.get("bits_per_code", math.nan)),
+            "local_val_bits_per_code": float(after.get("bits_per_code", math.nan)),
+            "num_samples": float(n_seq),
+            "num_subjects": float(n_train),
+            "vqvae_checksum": vq_sum,
+            "train_seconds": float(result["train_seconds"]),
+        }
+        if dp is not None:
+            metrics["epsilon"] = dp.epsilon()
+        for k, v in metrics.items():
+            if math.isfinite(v) and k != "vqvae_checksum":
+                writer.add_scalar(k, v, global_step=rnd)
+        log.info("site %s round %d: %s", site_name, rnd, metrics)
+        delta = state_delta({k: v for k, v in net.state_dict().items()}, received)
+        flare.send(
+            FLModel(
+                params=delta,
+                params_type=ParamsType.DIFF,
+                metrics=metrics,
+                meta={NUM_SAMPLES_KEY: max(n_seq, 1)},
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main())

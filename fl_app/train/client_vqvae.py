@@ -1,0 +1,125 @@
+"""NVFlare client script of the ``vqvae`` job (Client API), a thin shell around :mod:`fl_app.train.vqvae_local`.
+
+Each round: receive the global VQ-VAE, evaluate it on this site's own validation split (that is the
+*global* model's held-out reconstruction PSNR), train it locally with :func:`train_vqvae_local` (the
+same function as the centralised run), evaluate again, and send back the weight update
+(``ParamsType.DIFF``) with the number of training volumes (the FedAvg weight) and the metrics. Metrics
+are also streamed to the server's TensorBoard through NVFlare's tracking ``SummaryWriter``.
+
+Images never leave the site: only weight updates and scalar metrics are sent.
+
+Arguments (set in the job; see :func:`fl_app.fl.client.add_common_client_args`): ``--site-config`` /
+``--site-config-dir``, ``--local-epochs``, ``--max-steps``, ``--batch-size``, ``--lr``, ``--seed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+
+log = logging.getLogger("synthbrain.client.vqvae")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import nvflare.client as flare
+    from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+    from nvflare.client.tracking import SummaryWriter
+
+    from fl_app.config import profile_from_dict
+    from fl_app.data.dataset import make_loaders
+    from fl_app.fl.client import (
+        add_common_client_args,
+        apply_compute,
+        open_site_dataset,
+        resolve_site,
+        state_delta,
+        to_state_dict,
+    )
+    from fl_app.fl.local_dp import SiteDP
+    from fl_app.models.vqvae import build_vqvae, unwrap
+    from fl_app.privacy.aggregation import NUM_SAMPLES_KEY
+    from fl_app.train.vqvae_local import evaluate_vqvae, make_optimizer, make_vqvae_loader, train_vqvae_local
+
+    args = add_common_client_args(argparse.ArgumentParser(description=__doc__)).parse_args(argv)
+    flare.init()
+    site_name = flare.get_site_name()
+    cfg = resolve_site(site_name, args)
+    device = apply_compute(cfg)
+    writer = SummaryWriter()
+
+    model = optimizer = train_loader = val_loader = None
+    dp: SiteDP | None = None
+    n_train = 0
+    while flare.is_running():
+        in_model = flare.receive()
+        if in_model is None:
+            break
+        rnd = int(in_model.current_round or 0)
+        meta = in_model.meta or {}
+        profile = profile_from_dict(meta["profile"], source="global model")
+        if model is None:
+            dataset = open_site_dataset(cfg, profile)
+            bs = cfg.training.batch_size or args.batch_size or profile.train.batch_size
+            train_part, val_loader = make_loaders(dataset, bs, profile.train.val_fraction, args.seed)
+            n_train = len(train_part.dataset)
+            train_loader = make_vqvae_loader(train_part.dataset, bs, shuffle=True, seed=args.seed + rnd)
+            model = build_vqvae(profile, dp=bool(meta.get("dp", False)))
+            optimizer = make_optimizer(model, profile, args.lr)
+            if cfg.privacy.enabled:
+                dp = SiteDP(cfg.privacy)
+                model, optimizer, train_loader = dp.make_private(model, optimizer, train_loader)
+        net = unwrap(model)
+        received = to_state_dict(in_model.params)
+        net.load_state_dict(received)
+        if dp is not None:
+            dp.check_budget(site_name)
+        before = evaluate_vqvae(net, val_loader, device)
+        max_steps = args.max_steps
+        if cfg.training.max_steps_per_round:
+            max_steps = min(max_steps or 10**9, cfg.training.max_steps_per_round)
+        result = train_vqvae_local(
+            model,
+            train_loader,
+            profile,
+            optimizer=optimizer,
+            device=device,
+            epochs=args.local_epochs,
+            max_steps=max_steps,
+            seed=args.seed + rnd,
+        )
+        after = evaluate_vqvae(net, val_loader, device)
+        final = result["final"]
+        metrics = {
+            "train_loss": float(final.get("loss", math.nan)),
+            "train_image_loss": float(final.get("image_loss", math.nan)),
+            "global_val_psnr_db": float(before.get("psnr_db", math.nan)),
+            "local_val_psnr_db": float(after.get("psnr_db", math.nan)),
+            "global_val_dice": float(before.get("dice_mean", math.nan)),
+            "codebook_perplexity": float(final.get("codebook_perplexity", math.nan)),
+            "num_samples": float(result["train_volumes"]),
+            "num_subjects": float(n_train),
+            "train_seconds": float(result["train_seconds"]),
+        }
+        if dp is not None:
+            metrics["epsilon"] = dp.epsilon()
+        for k, v in metrics.items():
+            if math.isfinite(v):
+                writer.add_scalar(k, v, global_step=rnd)
+        log.info("site %s round %d: %s", site_name, rnd, metrics)
+        delta = state_delta(net.state_dict(), received)
+        flare.send(
+            FLModel(
+                params=delta,
+                params_type=ParamsType.DIFF,
+                metrics=metrics,
+                meta={NUM_SAMPLES_KEY: max(int(result["train_volumes"]), 1)},
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main())
