@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     model = optimizer = train_loader = val_loader = None
     dp: SiteDP | None = None
     vq_sum = math.nan
-    n_train = 0
+    n_train = n_val = 0
     while flare.is_running():
         in_model = flare.receive()
         if in_model is None:
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             codes = encode_codes(vqvae, dataset, cache, vq_key)
             del vqvae
             train_idx, val_idx = split_indices(len(codes), profile.train.val_fraction, args.seed)
-            n_train = len(train_idx)
+            n_train, n_val = len(train_idx), len(val_idx)
             bs = cfg.training.batch_size or args.batch_size or profile.train.batch_size
             train_loader = make_prior_loader(codes.subset(train_idx), bs, shuffle=True, seed=args.seed)
             val_loader = make_prior_loader(codes.subset(val_idx), bs, shuffle=False) if val_idx else None
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             "local_val_bits_per_code": float(after.get("bits_per_code", math.nan)),
             "num_samples": float(n_seq),
             "num_subjects": float(n_train),
+            "num_val_subjects": float(n_val),
             "vqvae_checksum": vq_sum,
             "train_seconds": float(result["train_seconds"]),
         }

@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             "codebook_perplexity": float(final.get("codebook_perplexity", math.nan)),
             "num_samples": float(result["train_volumes"]),
             "num_subjects": float(n_train),
+            "num_val_subjects": float(len(val_loader.dataset)),
             "train_seconds": float(result["train_seconds"]),
         }
         if dp is not None:
