@@ -94,7 +94,9 @@ class VQVAESection(_Strict):
     commitment_cost: float = Field(0.25, ge=0.0)
     ema_decay: float = Field(0.99, gt=0.0, lt=1.0)
     quantiser: Literal["ema", "loss"] = Field(
-        "ema", description="'ema' = MONAI's EMA codebook; 'loss' = learned through the loss (DP-safe)."
+        "loss",
+        description="'ema' = MONAI's EMA codebook; 'loss' = learned through the loss (DP-safe; "
+        "always used under DP).",
     )
     joint_labels: bool = Field(True, description="Encode the tissue label map with the image.")
     label_weight: float = Field(1.0, ge=0.0, description="Weight of the label cross-entropy term.")
@@ -105,9 +107,12 @@ class VQVAESection(_Strict):
     codebook_init_scale: float | None = Field(
         None, gt=0.0, description="'loss' codebook init U(-s, s); None = 1/num_embeddings."
     )
+    codebook_normalize: bool = Field(
+        True, description="'loss' codebook: l2-normalised codes and encoder outputs (cosine lookup)."
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     checkpointing: bool = Field(False, description="Activation checkpointing (saves GPU memory).")
-    recon_loss: Literal["l1", "l2", "l1+l2"] = Field("l1", description="Image reconstruction loss.")
+    recon_loss: Literal["l1", "l2", "l1+l2"] = Field("l1+l2", description="Image reconstruction loss.")
     adv_weight: float = Field(
         0.0, ge=0.0, description="Weight of the optional patch-adversarial term (non-DP only)."
     )

@@ -38,6 +38,15 @@ class LossQuantizer(nn.Module):
         commitment_cost: β, weight of the commitment term ``||z_e - sg[e]||²``.
         init_scale: codes are initialised uniformly in ``[-init_scale, init_scale]``
             (data-independent, so safe for DP).
+        normalize: l2-normalise encoder outputs and codes before the lookup (cosine-similarity VQ,
+            Yu et al. 2022, "ViT-VQGAN"): the decoder receives unit code vectors. Random codes on the
+            unit sphere are spread over the directions encoder outputs take, which keeps far more
+            codes in use than a small-norm init without any data-dependent initialisation or restart
+            (so it also works under DP). Before normalising, each volume's encoder output is centred
+            (its mean over the code grid is subtracted per channel): at initialisation the outputs of
+            a ReLU encoder share one dominant direction that would map every position to the same
+            code. Centring uses only the volume's own statistics, so the loss still decomposes per
+            sample as DP-SGD needs.
     """
 
     def __init__(
@@ -47,6 +56,7 @@ class LossQuantizer(nn.Module):
         embedding_dim: int,
         commitment_cost: float = 0.25,
         init_scale: float | None = None,
+        normalize: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -55,12 +65,21 @@ class LossQuantizer(nn.Module):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.commitment_cost = float(commitment_cost)
+        self.normalize = bool(normalize)
         self.embedding = nn.Embedding(num_embeddings, embedding_dim)
         scale = init_scale if init_scale is not None else 1.0 / num_embeddings
         nn.init.uniform_(self.embedding.weight, -scale, scale)
         # channel-last permutation (B, C, *S) -> (B, *S, C) and back
         self._to_last = [0, *range(2, spatial_dims + 2), 1]
         self._to_first = [0, spatial_dims + 1, *range(1, spatial_dims + 1)]
+
+    def prepare(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder output (B, D, *S) -> the vectors looked up: centred per volume and l2-normalised per
+        position when ``normalize``, else unchanged."""
+        if not self.normalize:
+            return z
+        z = z - z.mean(dim=tuple(range(2, z.dim())), keepdim=True)
+        return F.normalize(z, dim=1)
 
     def quantize(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Nearest-code assignment (no gradient).
@@ -73,8 +92,10 @@ class LossQuantizer(nn.Module):
         """
         with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False):
             idx_shape = [inputs.shape[0], *inputs.shape[2:]]
-            flat = inputs.float().permute(self._to_last).reshape(-1, self.embedding_dim)
+            flat = self.prepare(inputs.float()).permute(self._to_last).reshape(-1, self.embedding_dim)
             w = self.embedding.weight.detach().float()
+            if self.normalize:
+                w = F.normalize(w, dim=1)
             dist = (flat**2).sum(1, keepdim=True) + (w**2).sum(1)[None, :] - 2.0 * flat @ w.t()
             indices = dist.argmin(dim=1)
             one_hot = F.one_hot(indices, self.num_embeddings).float()
@@ -83,19 +104,22 @@ class LossQuantizer(nn.Module):
     def embed(self, embedding_indices: torch.Tensor) -> torch.Tensor:
         """Codes (B, *S) int64 -> code vectors (B, D, *S), channel first, float32."""
         with torch.autocast(embedding_indices.device.type, enabled=False):
-            return self.embedding(embedding_indices).permute(self._to_first).contiguous()
+            e = self.embedding(embedding_indices)
+            if self.normalize:
+                e = F.normalize(e, dim=-1)
+            return e.permute(self._to_first).contiguous()
 
     def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Quantise ``inputs`` (B, D, *S).
 
         Returns:
             ``(z_q, loss, indices)``: straight-through quantised tensor (B, D, *S) whose gradient flows
-            to ``inputs``; scalar loss ``mse(e, sg[z]) + β·mse(z, sg[e])`` whose gradient reaches the
+            to ``inputs`` (through the normalisation when ``normalize``); scalar loss ``mse(e, sg[z]) + β·mse(z, sg[e])`` whose gradient reaches the
             codebook; indices (B, *S) int64.
         """
         _, _, indices = self.quantize(inputs)
         quantized = self.embed(indices)  # the one place the codebook enters the graph
-        z = inputs.float()
+        z = self.prepare(inputs.float())
         codebook_loss = F.mse_loss(quantized, z.detach())
         commitment_loss = F.mse_loss(z, quantized.detach())
         loss = codebook_loss + self.commitment_cost * commitment_loss
@@ -121,7 +145,8 @@ def restart_dead_codes(
     Args:
         quantizer: a :class:`LossQuantizer` or MONAI ``EMAQuantizer``.
         counts: usage counts (K,) accumulated since the last restart.
-        encoder_outputs: encoder outputs (B, D, *S) or already flat (N, D) to sample from.
+        encoder_outputs: encoder outputs (B, D, *S) (passed through ``LossQuantizer.prepare``) or
+            already prepared flat vectors (N, D) to sample from.
         generator: optional RNG for reproducible choices.
         noise_std: small jitter added so restarted codes do not coincide.
 
@@ -133,6 +158,8 @@ def restart_dead_codes(
         return 0
     d = quantizer.embedding_dim
     flat = encoder_outputs
+    if isinstance(quantizer, LossQuantizer) and flat.dim() != 2:
+        flat = quantizer.prepare(flat)
     if flat.dim() != 2:
         perm = [0, *range(2, flat.dim()), 1]
         flat = flat.permute(perm).reshape(-1, d)

@@ -162,6 +162,7 @@ def build_vqvae(profile: Profile, joint: bool | None = None, dp: bool = False) -
                 embedding_dim=cfg.embedding_dim,
                 commitment_cost=cfg.commitment_cost,
                 init_scale=cfg.codebook_init_scale,
+                normalize=cfg.codebook_normalize,
             )
         )
     else:

@@ -53,6 +53,7 @@ __all__ = [
     "evaluate_vqvae",
     "make_optimizer",
     "make_vqvae_loader",
+    "parse_overrides",
     "train_vqvae_local",
     "vqvae_collate",
     "vqvae_loss",
@@ -291,7 +292,10 @@ def train_vqvae_local(
                 c = codebook_usage(indices.detach().cpu(), k)
                 counts += c
                 restart_counts += c
-                if restart and steps % vq.dead_code_every == 0:
+                # dead-code restart every `dead_code_every` steps, and at once if the first batch shows a
+                # collapsed codebook (< 10 % of codes used), as MONAI's N(0, 1) EMA init tends to give
+                collapsed = steps == 1 and float((restart_counts > 0).float().mean()) < 0.1
+                if restart and (collapsed or steps % vq.dead_code_every == 0):
                     with torch.no_grad():
                         z = m.encoder_output(make_input(image, label, m.joint))
                     restarted += restart_dead_codes(m.codebook, restart_counts, z, generator=gen)
@@ -404,7 +408,7 @@ def evaluate_vqvae(
 # --------------------------------------------------------------------------- CLI: train-local vqvae
 
 
-def _parse_set(items: list[str] | None) -> dict[str, Any]:
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """``["vqvae.num_embeddings=512", ...]`` -> nested override dict (values parsed as YAML)."""
     import yaml
 
@@ -417,7 +421,13 @@ def _parse_set(items: list[str] | None) -> dict[str, Any]:
         parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(val)
+        parsed = yaml.safe_load(val)
+        if isinstance(parsed, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        node[parts[-1]] = parsed
     return out
 
 
@@ -428,7 +438,7 @@ def run_train_local_vqvae(args: argparse.Namespace) -> int:
     from fl_app.data.cohort import read_bids
     from fl_app.data.dataset import SiteDataset, make_loaders
 
-    profile = load_profile(args.profile, _parse_set(args.set))
+    profile = load_profile(args.profile, parse_overrides(args.set))
     seed = profile.train.seed if args.seed is None else args.seed
     seed_everything(seed)
     dev = resolve_device(args.device)
