@@ -26,6 +26,7 @@ __all__ = [
     "causal_linear_attention",
     "elu_feature_map",
     "fast_available",
+    "linear_attention_decode",
     "linear_attention_state",
     "linear_attention_step",
 ]
@@ -172,3 +173,31 @@ def linear_attention_step(
     s.add_(kf.transpose(-1, -2) @ v)
     z.add_(kf.sum(2))
     return num / (den + eps).unsqueeze(-1)
+
+
+def linear_attention_decode(
+    qf: torch.Tensor,
+    kf: torch.Tensor,
+    v: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor],
+    eps: float = EPS,
+) -> torch.Tensor:
+    """Lean recurrent step for one token with *feature-mapped* inputs (the sampler's hot path).
+
+    Args:
+        qf, kf: (B, H, D) φ(q), φ(k); v: (B, H, M).
+        state: ``(S (B, H, D, M), z (B, H, D))``, updated in place.
+
+    Returns:
+        (B, H, M), the same as :func:`linear_attention_step` on the raw q, k with T = 1.
+    """
+    s, z = state
+    b, h, d = qf.shape
+    m = v.shape[-1]
+    s3 = s.view(b * h, d, m)
+    s3.baddbmm_(kf.reshape(b * h, d, 1), v.reshape(b * h, 1, m))
+    z.add_(kf)
+    q3 = qf.reshape(b * h, 1, d)
+    num = torch.bmm(q3, s3)  # (BH, 1, M)
+    den = torch.bmm(q3, z.view(b * h, d, 1))  # (BH, 1, 1)
+    return (num / (den + eps)).view(b, h, m)

@@ -45,6 +45,7 @@ from fl_app.config import PriorSection, Profile, profile_from_dict
 from fl_app.data.covariates import DIAGNOSES, SEXES, UNKNOWN_DIAGNOSIS, UNKNOWN_SEX
 from fl_app.models.linear_attention import (
     causal_linear_attention,
+    linear_attention_decode,
     linear_attention_state,
     linear_attention_step,
 )
@@ -180,6 +181,35 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cache: _LayerCache | None = None, pos: int = 0) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln1(x), cache, pos))
         return x + self.drop(self.fc_out(F.gelu(self.fc(self.ln2(x)))))
+
+    def decode_one(self, x: torch.Tensor, cache: _LayerCache, pos: int) -> torch.Tensor:
+        """Sampling hot path, one new position (no dropout): x (B, d) -> (B, d).
+
+        The same computation as ``forward(x[:, None], cache, pos)`` with fewer operator calls (plain
+        functional ops on 2-D tensors, no module dispatch): at batch 1 on a CPU the step is bound
+        by per-operator overhead and by reading the weights, not by arithmetic.
+        """
+        a = self.attn
+        b, d = x.shape
+        h = a.n_heads
+        hd = d // h
+        hid = F.layer_norm(x, (d,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
+        qkv = F.linear(hid, a.qkv.weight, a.qkv.bias)  # (B, 3d)
+        if a.kind == "softmax":
+            q, k, v = qkv.view(b, 3, h, 1, hd).unbind(1)  # each (B, H, 1, hd)
+            cache.k[:, :, pos : pos + 1] = k
+            cache.v[:, :, pos : pos + 1] = v
+            y = F.scaled_dot_product_attention(q, cache.k[:, :, : pos + 1], cache.v[:, :, : pos + 1])
+        else:
+            qk = (F.elu(qkv[:, : 2 * d]) + 1.0).view(b, 2, h, hd)
+            y = linear_attention_decode(
+                qk[:, 0], qk[:, 1], qkv[:, 2 * d :].view(b, h, hd), (cache.s, cache.z)
+            )
+        x = x + F.linear(y.reshape(b, d), a.proj.weight, a.proj.bias)  # head-major, as in forward
+        hid = F.layer_norm(x, (d,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
+        return x + F.linear(
+            F.gelu(F.linear(hid, self.fc.weight, self.fc.bias)), self.fc_out.weight, self.fc_out.bias
+        )
 
 
 class ConditionalPrior(nn.Module):
@@ -352,7 +382,16 @@ class ConditionalPrior(nn.Module):
         """Absorb one code per sample, tokens (B,); returns logits (B, V) of the next code."""
         if state.pos >= PREFIX_LEN + self.seq_len - 1:
             raise ValueError("the sequence is complete")
-        return self._advance(self.tok_emb(tokens.view(-1, 1)), state)
+        pos = state.pos
+        x = F.embedding(tokens.view(-1), self.tok_emb.weight) + self.pos_emb.weight[pos]  # (B, d)
+        for block, cache in zip(self.blocks, state.layers, strict=True):
+            x = block.decode_one(x, cache, pos)
+        state.pos = pos + 1
+        return F.linear(
+            F.layer_norm(x, x.shape[-1:], self.ln_f.weight, self.ln_f.bias, self.ln_f.eps),
+            self.head.weight,
+            self.head.bias,
+        )
 
 
 # --------------------------------------------------------------------------- build / save / load
