@@ -35,8 +35,18 @@ def add_common_client_args(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     """Arguments every synthbrain client script takes (set by the job; the site YAML can cap them)."""
     p.add_argument("--site-config", default=None, help="site YAML (default: $SYNTHBRAIN_SITE_CONFIG)")
     p.add_argument("--site-config-dir", default=None, help="folder of <site>.yaml (simulator / POC)")
-    p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round")
-    p.add_argument("--max-steps", type=int, default=None, help="cap on local optimiser steps per round")
+    p.add_argument(
+        "--local-epochs",
+        type=int,
+        default=1,
+        help="local epochs per round (ignored when a step cap is given)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="local optimiser steps per round (takes precedence over --local-epochs)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="default: profile train.batch_size")
     p.add_argument("--lr", type=float, default=None, help="default: profile train.lr")
     p.add_argument("--seed", type=int, default=0)

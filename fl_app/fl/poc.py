@@ -224,7 +224,7 @@ def _alive_group(pgid: int) -> bool:
     except PermissionError:
         return True
     try:  # a zombie leader of our own counts as ended
-        pid, _ = os.waitpid(pgid, os.WNOHANG)
+        os.waitpid(pgid, os.WNOHANG)
     except ChildProcessError:
         pass
     try:

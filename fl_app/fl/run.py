@@ -27,7 +27,7 @@ from fl_app.config import load_profile
 
 log = logging.getLogger(__name__)
 
-__all__ = ["add_fl_parser", "job_spec_from_args", "list_site_configs", "run_job"]
+__all__ = ["add_fl_parser", "list_site_configs", "run_job"]
 
 
 def list_site_configs(site_config_dir: str | Path) -> list[str]:

@@ -293,6 +293,7 @@ class SynthFedAvg(FedAvg):
             "metrics": dict(aggr_result.metrics or {}),
             "sites": copy.deepcopy(ameta.get("site_metrics", {})),
             "aggregation": ameta.get("aggregation", {}),
+            "job_started_at_round": int(self.start_round),  # > 0: this round ran in a resumed job
         }
         self._history.append(record)
         self.info(f"round {self.current_round} global metrics: {record['metrics']}")

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             profile,
             optimizer=optimizer,
             device=device,
-            epochs=args.local_epochs,
+            epochs=args.local_epochs if max_steps is None else None,
             max_steps=max_steps,
         )
         after = evaluate_prior(net, val_loader, device) if val_loader is not None else {}

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             profile,
             optimizer=optimizer,
             device=device,
-            epochs=args.local_epochs,
+            epochs=args.local_epochs if max_steps is None else None,
             max_steps=max_steps,
             seed=args.seed + rnd,
         )
