@@ -72,7 +72,7 @@ def test_strategy_is_pluggable_by_path():
                 params={"w": np.array([v])},
                 params_type=ParamsType.DIFF,
                 meta={NUM_SAMPLES_KEY: 1, "client_name": f"s{i}"},
-            )  # fmt: skip
+            )
         )
     res = agg.aggregate_model()
     assert float(res.params["w"][0]) == 2.0
@@ -87,7 +87,7 @@ def test_synth_aggregator_fedavg_and_reset():
             params_type=ParamsType.DIFF,
             metrics={"loss": 1.0},
             meta={NUM_SAMPLES_KEY: 1, "client_name": "site-1"},
-        )  # fmt: skip
+        )
     )
     agg.accept_model(
         FLModel(
@@ -95,7 +95,7 @@ def test_synth_aggregator_fedavg_and_reset():
             params_type=ParamsType.DIFF,
             metrics={"loss": 3.0},
             meta={NUM_SAMPLES_KEY: 3, "client_name": "site-2"},
-        )  # fmt: skip
+        )
     )
     res = agg.aggregate_model()
     assert res.params_type == ParamsType.DIFF
