@@ -29,7 +29,7 @@ from fl_app.data.covariates import (
     diagnosis_index,
     sex_index,
 )
-from fl_app.models.prior import ConditionalPrior
+from fl_app.models.prior import unwrap_prior
 
 __all__ = ["filter_logits", "make_condition", "sample", "sample_next"]
 
@@ -139,7 +139,7 @@ def sample(
     """Sample ``n`` code grids.
 
     Args:
-        model: a :class:`ConditionalPrior` (put in eval mode for the call; its mode is restored).
+        model: a :class:`~fl_app.models.prior.ConditionalPrior` or an Opacus wrapper of one (put in eval mode for the call; its mode is restored).
         n: number of samples.
         cond: ``{"age": float (n,), "sex": long (n,), "diagnosis": long (n,)}``; a missing key, NaN age
             or an "unknown" index means unconditional in that covariate (see :func:`make_condition`).
@@ -157,8 +157,7 @@ def sample(
     Returns:
         LongTensor (n, cx, cy, cz) on the CPU, codes in [0, V).
     """
-    if not isinstance(model, ConditionalPrior):
-        raise TypeError(f"expected a ConditionalPrior, got {type(model).__name__}")
+    model = unwrap_prior(model)
     if code_shape is not None and tuple(code_shape) != model.code_shape:
         raise ValueError(f"code_shape {tuple(code_shape)} does not match the model's {model.code_shape}")
     dev = torch.device(device) if device is not None else model.head.weight.device

@@ -58,6 +58,7 @@ __all__ = [
     "load_prior",
     "make_ordering",
     "save_prior",
+    "unwrap_prior",
 ]
 
 PREFIX_LEN = 3
@@ -402,7 +403,8 @@ def build_prior(profile: Profile, prior_cfg: PriorSection | None = None) -> Cond
     return ConditionalPrior(prior_cfg or profile.prior, profile.vqvae.num_embeddings, profile.code_shape)
 
 
-def _unwrap(model: nn.Module) -> ConditionalPrior:
+def unwrap_prior(model: nn.Module) -> ConditionalPrior:
+    """The :class:`ConditionalPrior` inside an Opacus ``GradSampleModule`` (or the model itself)."""
     m = model
     while not isinstance(m, ConditionalPrior) and hasattr(m, "_module"):  # Opacus GradSampleModule
         m = m._module
@@ -411,11 +413,14 @@ def _unwrap(model: nn.Module) -> ConditionalPrior:
     return m
 
 
+_unwrap = unwrap_prior  # old name, still imported by fl_app.train.client_prior
+
+
 def save_prior(
     model: nn.Module, profile: Profile, path: str | Path, extra: dict[str, Any] | None = None
 ) -> Path:
     """Write one ``.pt`` file: state_dict, the prior section actually used, vocabulary, grid, profile."""
-    m = _unwrap(model)
+    m = unwrap_prior(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(

@@ -39,7 +39,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from fl_app.config import Profile, TrainSection, profile_to_yaml
 from fl_app.data.covariates import UNKNOWN_DIAGNOSIS, UNKNOWN_SEX
-from fl_app.models.prior import ConditionalPrior, _unwrap, build_prior, save_prior
+from fl_app.models.prior import ConditionalPrior, build_prior, save_prior, unwrap_prior
 from fl_app.train.common import is_dp_optimizer, peak_rss_mb, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def train_prior_local(
     """
     train_cfg = cfg.train if isinstance(cfg, Profile) else cfg
     dev = resolve_device(device)
-    m = _unwrap(model)
+    m = unwrap_prior(model)
     model.to(dev)
     if optimizer is None:
         if train_cfg is None:
@@ -290,7 +290,7 @@ def evaluate_prior(
     Returns:
         ``{"bits_per_code", "nll_nats_per_code", "n_sequences"}`` (NaN without data).
     """
-    m = _unwrap(model)
+    m = unwrap_prior(model)
     dev = m.head.weight.device if device is None else resolve_device(device)
     was_training = m.training
     m.to(dev).eval()
