@@ -24,9 +24,12 @@ from nvflare.recipe.utils import add_experiment_tracking
 from fl_app.fl.server import SynthFedAvg, SynthPersistor
 from fl_app.privacy.aggregation import DEFAULT_STRATEGY, SynthAggregator
 
+_JOBS = Path(__file__).resolve().parents[2] / "jobs"
+"""``jobs/`` of the source tree: flat client entry points (``client_vqvae.py``, ``client_prior.py``)."""
+
 CLIENT_SCRIPTS = {
-    "vqvae": Path(__file__).resolve().parents[1] / "train" / "client_vqvae.py",
-    "prior": Path(__file__).resolve().parents[1] / "train" / "client_prior.py",
+    "vqvae": _JOBS / "client_vqvae.py",
+    "prior": _JOBS / "client_prior.py",
 }
 
 __all__ = ["CLIENT_SCRIPTS", "JobSpec", "SynthFedAvgRecipe", "build_recipe"]
