@@ -184,7 +184,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     overrides = None
     if args.tiny:
         overrides = {
-            "data": {"shape": [32, 32, 32], "spacing": [6.0, 6.0, 6.0]},
+            "data": {"shape": [32, 32, 32], "spacing": [5.0, 5.0, 5.0]},
             "vqvae": {
                 "channels": [8, 16],
                 "num_res_channels": [8, 16],
