@@ -61,6 +61,7 @@ __all__ = [
     "GlobalModel",
     "add_sample_parser",
     "chunk_seed",
+    "cohort_profile",
     "gate_release",
     "grid_affine",
     "load_global_model",
@@ -72,6 +73,7 @@ __all__ = [
 
 BIDS_VERSION = "1.9.0"
 SAMPLING_FILE = Path("code") / "synthbrain" / "sampling.json"
+PROFILE_FILE = Path("code") / "synthbrain" / "profile.yaml"
 WITHHELD_FILE = Path("code") / "synthbrain" / "withheld.tsv"
 _ABBREV = {0: "BG", 1: "CSF", 2: "GM", 3: "WM"}
 
@@ -511,6 +513,9 @@ def sample_cohort(
                 "use another --out (or delete it) to sample a new cohort"
             )
     _write_json(sfile, settings)
+    from fl_app.config import profile_to_yaml
+
+    (out / PROFILE_FILE).write_text(profile_to_yaml(gm.profile))
     _write_dataset_files(out, gm, rows)
     withheld = read_withheld(out)
     affine = grid_affine(gm.profile)
@@ -573,6 +578,18 @@ def sample_cohort(
         "volumes_per_s": written / secs if written and secs > 0 else None,
         "device": str(dev),
     }
+
+
+def cohort_profile(cohort: str | Path, override: str | Path | None = None) -> Profile:
+    """The profile a cohort was sampled with (``code/synthbrain/profile.yaml``), or ``override``."""
+    from fl_app.config import load_profile
+
+    if override is not None:
+        return load_profile(override)
+    f = Path(cohort) / PROFILE_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} missing: give --profile")
+    return load_profile(f)
 
 
 def read_cohort_dir(cohort: str | Path) -> list[dict[str, Any]]:
