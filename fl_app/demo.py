@@ -118,11 +118,11 @@ def _report(out: Path, card: dict[str, Any], rows: list[dict[str, Any]], timings
 def run_demo(
     out: str | Path = "runs/demo",
     n_sites: int = 3,
-    subjects_per_site: int = 8,
+    subjects_per_site: int = 6,
     vqvae_rounds: int = 2,
-    prior_rounds: int = 3,
-    vqvae_steps: int = 6,
-    prior_steps: int = 20,
+    prior_rounds: int = 2,
+    vqvae_steps: int = 4,
+    prior_steps: int = 15,
     n_samples: int = 4,
     profile: str = "cpu-demo",
     overrides: dict[str, Any] | None = None,
@@ -219,11 +219,11 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--subjects", type=int, default=8, help="subjects per site")
+    p.add_argument("--subjects", type=int, default=6, help="subjects per site")
     p.add_argument("--vqvae-rounds", type=int, default=2)
-    p.add_argument("--prior-rounds", type=int, default=3)
-    p.add_argument("--vqvae-steps", type=int, default=6, help="local steps per round")
-    p.add_argument("--prior-steps", type=int, default=20, help="local steps per round")
+    p.add_argument("--prior-rounds", type=int, default=2)
+    p.add_argument("--vqvae-steps", type=int, default=4, help="local steps per round")
+    p.add_argument("--prior-steps", type=int, default=15, help="local steps per round")
     p.add_argument("--samples", type=int, default=4, help="synthetic subjects to sample")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="32³ volumes and tiny networks (tests, smoke runs)")
