@@ -1,0 +1,116 @@
+"""Memorisation audit on real NIfTI files: a planted copy of a training image is flagged, an honest
+(held-out) subject is not, and only aggregates leave the site."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from fl_app.config import load_profile
+from fl_app.data.cohort import read_bids
+from fl_app.data.dataset import SiteDataset
+from fl_app.evaluate.audit import add_audit_parser, combine_site_audits, site_audit, site_audit_arrays
+from fl_app.generate.cohort import _save_nifti, gate_release, grid_affine
+from tests.conftest import write_nifti
+
+PROFILE = load_profile("cpu-demo", {"data": {"shape": [32, 32, 32], "spacing": [6.0, 6.0, 6.0]},
+                                     "vqvae": {"channels": [8, 8], "num_res_channels": [8, 8]}})  # fmt: skip
+
+
+def _subject(head, rng: np.random.Generator) -> np.ndarray:
+    """A distinct head: random anisotropic scale, small rotation-free shift, smooth bias field, noise."""
+    data, _, _ = head
+    scale = rng.uniform(0.9, 1.1, 3)
+    centre = (np.array(data.shape) - 1) / 2
+    out = ndi.affine_transform(data, 1 / scale, offset=centre - centre / scale + rng.uniform(-1.5, 1.5, 3),
+                               order=1)  # fmt: skip
+    bias = ndi.gaussian_filter(rng.normal(0, 1, data.shape), 6)
+    out = out * (1 + 0.15 * bias / bias.std())
+    return (out + rng.normal(0, 15, data.shape)).clip(0, None).astype(np.float32)
+
+
+def _site(root: Path, head, ids: list[str], rng) -> Path:
+    root.mkdir(parents=True)
+    (root / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.9.0"}')
+    with open(root / "participants.tsv", "w") as fh:
+        fh.write("participant_id\tage\tsex\tdiagnosis\n")
+        for i, s in enumerate(ids):
+            fh.write(f"{s}\t{60 + i}\tF\tCN\n")
+    for s in ids:
+        write_nifti(root / s / "anat" / f"{s}_T1w.nii.gz", _subject(head, rng), head[2], np.int16)
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(head, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("audit")
+    rng = np.random.default_rng(42)
+    site = _site(tmp / "site-a", head, [f"sub-t{i:02d}" for i in range(8)], rng)
+    heldout = _site(tmp / "heldout", head, ["sub-h01", "sub-h02"], rng)
+    cache = tmp / "cache"
+    train = SiteDataset(read_bids(site).valid(), PROFILE, cache)
+    held = SiteDataset(read_bids(heldout).valid(), PROFILE, cache)
+    cohort = tmp / "cohort"
+    samples = {
+        "sub-copy": train[3]["image"][0].numpy(),  # planted: a training image, as a sample file
+        "sub-honest1": held[0]["image"][0].numpy(),
+        "sub-honest2": held[1]["image"][0].numpy(),
+    }
+    for pid, arr in samples.items():
+        _save_nifti(cohort / pid / "anat" / f"{pid}_T1w.nii.gz", arr, grid_affine(PROFILE))
+    with open(cohort / "participants.tsv", "w", newline="") as fh:
+        w = csv.writer(fh, delimiter="\t")
+        w.writerow(["participant_id", "age", "sex", "diagnosis"])
+        for pid in samples:
+            w.writerow([pid, "70.0", "F", "CN"])
+    return site, cohort, cache
+
+
+def test_planted_copy_flagged_honest_not(setup):
+    site, cohort, cache = setup
+    res = site_audit(cohort, site, PROFILE, quantile=0.05, cache_dir=cache)
+    assert res["flagged"] == ["sub-copy"]
+    assert res["n_training"] == 8 and res["n_samples"] == 3
+    assert res["min_distance"] < 0.01 * res["threshold"]  # the copy is (almost) at distance 0
+    assert sum(res["histogram"]["counts"]) == 3
+    # the honest samples are as far as real subjects are from one another
+    assert res["histogram"]["counts"][0] == 1 and sum(res["histogram"]["counts"][4:]) == 2
+    # nothing about individual training subjects leaves the site
+    text = json.dumps(res)
+    assert "sub-t" not in text
+    combined = combine_site_audits([res])
+    assert combined["flagged"] == {"sub-copy": ["site-a"]} and combined["n_flagged"] == 1
+    assert gate_release(cohort, {p: "audit" for p in combined["flagged"]}) == ["sub-copy"]
+    assert not (cohort / "sub-copy").exists()
+
+
+def test_cli_and_arrays(setup, tmp_path):
+    site, cohort, cache = setup
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    add_audit_parser(ap.add_subparsers())
+    out = tmp_path / "a.json"
+    args = ap.parse_args(["audit-site", "--cohort", str(cohort), "--bids", str(site), "--out", str(out),
+                          "--cache-dir", str(cache), "--profile", str(_profile_yaml(tmp_path))])  # fmt: skip
+    assert args.func(args) == 0
+    assert json.loads(out.read_text())["site"] == "site-a"
+    rng = np.random.default_rng(0)
+    train = [rng.random((16, 16, 16)).astype(np.float32) for _ in range(4)]
+    r = site_audit_arrays([train[1] + 1e-4, rng.random((16, 16, 16))], ["x", "y"], train, quantile=0.0)
+    assert r["flagged"] == ["x"]
+    with pytest.raises(ValueError):
+        site_audit_arrays([train[0]], ["x"], train[:1])
+
+
+def _profile_yaml(tmp: Path) -> Path:
+    from fl_app.config import profile_to_yaml
+
+    p = tmp / "profile.yaml"
+    p.write_text(profile_to_yaml(PROFILE))
+    return p
