@@ -97,25 +97,37 @@ def _add_site_parser(sub: argparse._SubParsersAction) -> None:
     chk.set_defaults(func=_cmd_site_check)
 
 
-# (module, function) adding each command's sub-parser; the modules own their commands.
+# (module, function) adding each top-level command's sub-parser; each module owns its command, and heavy
+# imports (torch, MONAI, NVFlare) stay inside the command functions.
 COMMAND_MODULES: list[tuple[str, str]] = [
+    ("fl_app.demo", "add_demo_parser"),
     ("fl_app.data.simulate", "add_simulate_parser"),
+    ("fl_app.fl.run", "add_fl_parser"),
+    ("fl_app.generate.cohort", "add_sample_parser"),
+    ("fl_app.evaluate.fidelity", "add_evaluate_parser"),
+    ("fl_app.evaluate.audit", "add_audit_parser"),
+]
+TRAIN_LOCAL_MODULES: list[tuple[str, str]] = [
+    ("fl_app.train.vqvae_local", "add_train_local_vqvae_parser"),
+    ("fl_app.train.prior_local", "add_train_local_prior_parser"),
 ]
 
 
-def _command_parsers() -> list[Callable[[argparse._SubParsersAction], None]]:
+def _load(entries: list[tuple[str, str]]) -> list[Callable[[argparse._SubParsersAction], object]]:
     import importlib
 
-    adders = []
-    for module, func in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue  # command not built yet
-        adders.append(getattr(mod, func))
-    return adders
+    return [getattr(importlib.import_module(module), func) for module, func in entries]
+
+
+def _add_train_local_parser(sub: argparse._SubParsersAction) -> None:
+    tl = sub.add_parser(
+        "train-local",
+        help="centralised (non-federated) training on pooled BIDS folders: the baseline",
+        description="Train a model centrally with the same local training function the federated clients use.",
+    )
+    tl_sub = tl.add_subparsers(dest="model", required=True, metavar="MODEL")
+    for add in _load(TRAIN_LOCAL_MODULES):
+        add(tl_sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,9 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     prof = sub.add_parser("profiles", help="list built-in profiles, or print one as YAML")
     prof.add_argument("name", nargs="?")
     prof.set_defaults(func=_cmd_profiles)
-    for add in _command_parsers():
+    for add in _load(COMMAND_MODULES):
         add(sub)
     _add_site_parser(sub)
+    _add_train_local_parser(sub)
     return parser
 
 
