@@ -1,0 +1,140 @@
+"""Benchmark: a synthetic cohort from a trained model — conditioning fidelity, diversity, audit, speed.
+
+Given a demo run (``synthbrain demo --out RUN``: ``RUN/global`` + simulated sites ``RUN/data/site-*``)
+or ``--model``/``--reference`` explicitly, it
+
+1. samples ``--n`` subjects with covariates spread like the sites (ages uniform 50–85, sexes
+   alternating, CN/MCI/AD in turn) through :func:`fl_app.generate.cohort.sample_cohort` (timed:
+   sampling throughput in volumes/s, includes decoding and writing NIfTI);
+2. evaluates them against the sites (:func:`fl_app.evaluate.fidelity.evaluate`, generating law as
+   the target since the sites are simulated);
+3. runs the federated memorisation audit against each site (:func:`fl_app.evaluate.audit.site_audit`).
+
+Prints one JSON document (``--json OUT`` also writes it) with the issue's targets::
+
+    btf_slope_error_pct_vs_law   ≤ 30 (goal 20)
+    ms_ssim_gap                  ≤ 0.1 (|synthetic − real-vs-real|)
+    audit_flagged                = 0
+    volumes_per_s                (CPU)
+
+Run ``python bench/cohort.py --run runs/demo --json bench_cohort.json`` after ``synthbrain demo``.
+``--run`` without an existing run trains one first with ``synthbrain demo`` (``--tiny`` for a
+smoke run). Do not read timings from a busy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default="runs/demo", help="demo run dir (global/ + data/site-*)")
+    ap.add_argument("--model", help="global model dir (default RUN/global)")
+    ap.add_argument("--reference", nargs="+", help="reference BIDS sites (default RUN/data/site-*)")
+    ap.add_argument("--tiny", action="store_true", help="if RUN must be trained: synthbrain demo --tiny")
+    ap.add_argument("--n", type=int, default=24, help="synthetic subjects")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--pairs", type=int, default=30)
+    ap.add_argument("--work", default=None, help="scratch dir (default RUN/bench_cohort)")
+    ap.add_argument("--json", help="also write the result here")
+    args = ap.parse_args(argv)
+
+    from fl_app.data.covariates import DIAGNOSES, SEXES
+    from fl_app.evaluate.audit import combine_site_audits, site_audit
+    from fl_app.evaluate.fidelity import evaluate, load_cohort_subjects, load_reference_subjects
+    from fl_app.generate.cohort import CohortRow, load_global_model, sample_cohort
+
+    run = Path(args.run)
+    model = Path(args.model) if args.model else run / "global"
+    train_s = None
+    if not (model / "prior.pt").is_file():
+        from fl_app.demo import add_demo_parser
+
+        p = argparse.ArgumentParser()
+        add_demo_parser(p.add_subparsers())
+        dargs = p.parse_args(["demo", "--out", str(run), *(["--tiny"] if args.tiny else [])])
+        t = time.perf_counter()
+        dargs.func(dargs)
+        train_s = time.perf_counter() - t
+        model = run / "global"
+    refs = [Path(r) for r in args.reference] if args.reference else sorted((run / "data").glob("site-*"))
+    if not refs:
+        print("error: no reference sites (give --reference)", file=sys.stderr)
+        return 2
+    work = Path(args.work) if args.work else run / "bench_cohort"
+    shutil.rmtree(work, ignore_errors=True)
+    cohort = work / "cohort"
+
+    gm = load_global_model(model, device=args.device)
+    n = args.n
+    ages = torch.linspace(50.0, 85.0, n).tolist() if n > 1 else [70.0]
+    import numpy as np
+
+    perm = np.random.default_rng(args.seed).permutation(n)
+    rows = [
+        CohortRow(f"sub-synth{i + 1:04d}", round(ages[int(perm[i])], 1), SEXES[i % 2], DIAGNOSES[i % 3])
+        for i in range(n)
+    ]
+    res = sample_cohort(gm, rows, cohort, seed=args.seed, chunk_size=args.batch_size, progress=False,
+                        device=args.device)  # fmt: skip
+
+    t = time.perf_counter()
+    synth = load_cohort_subjects(cohort)
+    ref = load_reference_subjects(refs, gm.profile, work / "cache")
+    ev = evaluate(synth, ref, simulated=True, n_pairs=args.pairs, seed=args.seed)
+    eval_s = time.perf_counter() - t
+    t = time.perf_counter()
+    audits = [site_audit(cohort, r, gm.profile, 0.05, work / "cache") for r in refs]
+    audit = combine_site_audits(audits)
+    audit_s = time.perf_counter() - t
+
+    s = ev["summary"]
+    slope_err = s.get("btf_slope_error_pct_vs_law", math.nan)
+    out = {
+        "profile": gm.profile.name,
+        "grid": list(gm.profile.data.shape),
+        "model": str(model),
+        "model_sha256": gm.model_hash,
+        "reference_sites": [str(r) for r in refs],
+        "n_synthetic": n,
+        "n_reference": len(ref),
+        "device": res["device"],
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "volumes_per_s": res["volumes_per_s"],
+        "sample_seconds": res["seconds"],
+        "evaluate_seconds": eval_s,
+        "audit_seconds": audit_s,
+        "train_seconds": train_s,
+        **{k: v for k, v in s.items() if k not in ("n_synthetic", "n_reference")},
+        "audit_flagged": audit["n_flagged"],
+        "audit_min_distance_over_threshold": audit["min_distance_over_threshold"],
+        "targets": {
+            "btf_slope_error_pct_vs_law<=30": bool(slope_err <= 30.0),
+            "btf_slope_error_pct_vs_law<=20 (goal)": bool(slope_err <= 20.0),
+            "ms_ssim_gap<=0.1": bool(s.get("ms_ssim_gap", math.inf) <= 0.1),
+            "audit_flagged==0": audit["n_flagged"] == 0,
+        },
+    }
+    out = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
