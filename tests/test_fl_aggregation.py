@@ -102,7 +102,7 @@ def test_synth_aggregator_fedavg_and_reset():
     assert float(res.params["w"][0]) == pytest.approx(5.0)
     assert res.metrics["loss"] == pytest.approx(2.5)
     assert res.meta["site_metrics"]["site-2"]["num_samples"] == 3
-    with pytest.raises(RuntimeError):
-        agg.aggregate_model()  # stats were reset
+    empty = agg.aggregate_model()  # stats were reset: no updates (all sites refused) -> no change
+    assert empty.params == {} and empty.meta["aggregation"]["round_noised"] is False
     with pytest.raises(ValueError):  # full weights are refused: clients must send updates
         agg.accept_model(FLModel(params={"w": np.array([1.0])}, params_type=ParamsType.FULL, meta={}))

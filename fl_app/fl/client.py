@@ -25,6 +25,8 @@ __all__ = [
     "add_common_client_args",
     "apply_compute",
     "open_site_dataset",
+    "planned_steps",
+    "refusal_model",
     "resolve_site",
     "state_delta",
     "to_state_dict",
@@ -50,7 +52,27 @@ def add_common_client_args(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--batch-size", type=int, default=None, help="default: profile train.batch_size")
     p.add_argument("--lr", type=float, default=None, help="default: profile train.lr")
     p.add_argument("--seed", type=int, default=0)
+    # DP: what the job asks; the site's YAML decides whether DP is on and caps the total ε
+    p.add_argument("--rounds", type=int, default=1, help="the job's planned rounds (plans the DP noise)")
+    p.add_argument("--dp-epsilon", type=float, default=None, help="target ε of this job at each DP site")
+    p.add_argument("--run", default="", help="consortium run name (recorded in site privacy ledgers)")
     return p
+
+
+def planned_steps(args: argparse.Namespace, cfg: FLSiteConfig, loader_len: int) -> tuple[int | None, int]:
+    """``(max_steps for train_*_local, planned optimiser steps per round)`` after the site's caps."""
+    max_steps = args.max_steps
+    if cfg.training.max_steps_per_round:
+        max_steps = min(max_steps or 10**9, cfg.training.max_steps_per_round)
+    return max_steps, (max_steps if max_steps is not None else args.local_epochs * max(loader_len, 1))
+
+
+def refusal_model(reason: str):
+    """The reply of a site that refuses a round: no parameters, so the server's FedAvg controller skips
+    it (``Empty result from client``) and the round goes on with the other sites."""
+    from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+
+    return FLModel(params={}, params_type=ParamsType.DIFF, metrics={}, meta={"synthbrain_refused": reason})
 
 
 def resolve_site(site_name: str, args: argparse.Namespace) -> FLSiteConfig:

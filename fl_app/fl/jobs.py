@@ -63,6 +63,9 @@ class JobSpec:
             every client reads ``$SYNTHBRAIN_SITE_CONFIG`` (production).
         local_epochs, max_steps, batch_size, lr: local work per round.
         dp: build the DP-compatible VQ-VAE.
+        dp_epsilon: target ε of this job at each site running local DP-SGD (the site's YAML decides
+            whether DP is on, and its ``epsilon_budget`` caps the total; None: the site's ``job_epsilon``).
+        run_name: run name recorded in the sites' privacy ledgers.
         strategy_path, strategy_args: the server aggregation strategy.
         name: NVFlare job name.
     """
@@ -80,12 +83,18 @@ class JobSpec:
     lr: float | None = None
     seed: int = 0
     dp: bool = False
+    dp_epsilon: float | None = None
+    run_name: str = ""
     strategy_path: str = DEFAULT_STRATEGY
     strategy_args: dict[str, Any] = field(default_factory=dict)
     name: str = ""
 
     def train_args(self) -> str:
-        parts = [f"--local-epochs {self.local_epochs}", f"--seed {self.seed}"]
+        parts = [f"--local-epochs {self.local_epochs}", f"--seed {self.seed}", f"--rounds {self.num_rounds}"]
+        if self.dp_epsilon:
+            parts.append(f"--dp-epsilon {self.dp_epsilon}")
+        if self.run_name:
+            parts.append(f"--run {self.run_name}")
         if self.site_config_dir:
             parts.append(f"--site-config-dir {self.site_config_dir}")
         if self.max_steps:
@@ -97,8 +106,14 @@ class JobSpec:
         return " ".join(parts)
 
 
-def build_recipe(spec: JobSpec) -> SynthFedAvgRecipe:
-    """The NVFlare recipe of one synthbrain job (run it with ``recipe.run(env)`` or ``recipe.export``)."""
+def build_recipe(
+    spec: JobSpec, result_filters: list[Any] | None = None, data_filters: list[Any] | None = None
+) -> SynthFedAvgRecipe:
+    """The NVFlare recipe of one synthbrain job (run it with ``recipe.run(env)`` or ``recipe.export``).
+
+    ``result_filters`` / ``data_filters``: NVFlare ``Filter`` objects added to every client for outgoing
+    task results / incoming task data of the ``train`` task (e.g. :class:`fl_app.privacy.audit.ResultAuditFilter`).
+    """
     if spec.kind not in CLIENT_SCRIPTS:
         raise ValueError(f"job kind must be one of {sorted(CLIENT_SCRIPTS)}, got {spec.kind!r}")
     if spec.kind == "prior" and not spec.frozen_vqvae:
@@ -125,4 +140,8 @@ def build_recipe(spec: JobSpec) -> SynthFedAvgRecipe:
     # fl_app is installed at every site (the consortium's package): never copy it into the job.
     recipe._job.set_app_packages(["fl_app"])
     add_experiment_tracking(recipe, "tensorboard")
+    for f in result_filters or []:
+        recipe.add_client_output_filter(f, tasks=["train"])
+    for f in data_filters or []:
+        recipe.add_client_input_filter(f, tasks=["train"])
     return recipe

@@ -54,6 +54,7 @@ def run_job(
     lr: float | None = None,
     seed: int = 0,
     dp: bool = False,
+    dp_epsilon: float | None = None,
     strategy_path: str | None = None,
     strategy_args: dict[str, Any] | None = None,
     startup_kit: str | None = None,
@@ -63,12 +64,18 @@ def run_job(
     poc_workspace: str | Path | None = None,
     keep_poc: bool = False,
     timeout: float = 3600.0,
+    result_filters: list[Any] | None = None,
+    data_filters: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Run one job to completion; returns ``{"job_id", "result", "checkpoint_dir", "seconds"}``.
 
     ``env``: ``"sim"`` (NVFlare simulator, in this process tree), ``"poc"`` (server + one client per site
     on this machine, each site's client reading its YAML from ``$SYNTHBRAIN_SITE_CONFIG``), or
     ``"prod"`` (submit through an admin startup kit; sites read their own ``$SYNTHBRAIN_SITE_CONFIG``).
+
+    DP: ``dp_epsilon`` is the ε this job asks each site running local DP-SGD to spend (the sites' YAMLs
+    turn DP on and cap the total); it implies ``dp`` (DP-compatible VQ-VAE). Server-side DP-FedAvg is the
+    strategy ``fl_app.privacy.dp_fedavg.DPFedAvgStrategy``.
     """
     from fl_app.fl.jobs import JobSpec, build_recipe
     from fl_app.privacy.aggregation import DEFAULT_STRATEGY
@@ -97,12 +104,14 @@ def run_job(
         batch_size=batch_size,
         lr=lr,
         seed=seed,
-        dp=dp,
+        dp=dp or dp_epsilon is not None,
+        dp_epsilon=dp_epsilon,
+        run_name=run_dir.name,
         strategy_path=strategy_path or DEFAULT_STRATEGY,
         strategy_args=strategy_args or {},
         name=f"synthbrain-{kind}",
     )
-    recipe = build_recipe(spec)
+    recipe = build_recipe(spec, result_filters, data_filters)
     (run_dir / f"job_{kind}.json").write_text(
         json.dumps({**spec.__dict__, "env": env}, indent=2, default=str)
     )
@@ -177,6 +186,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print("error: give --site-config-dir (simulator / POC) or --clients (production)")
         return 2
     run_dir = Path(args.runs) / args.run
+    strategy, strategy_args = args.strategy, json.loads(args.strategy_args) if args.strategy_args else None
+    if args.dp_fedavg:
+        from fl_app.privacy.dp_fedavg import dp_fedavg_strategy
+
+        strategy, strategy_args = dp_fedavg_strategy(args.dp_noise, args.dp_clip, args.dp_quantile)
     res = run_job(
         args.job,
         args.env,
@@ -191,8 +205,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         dp=args.dp_model,
-        strategy_path=args.strategy,
-        strategy_args=json.loads(args.strategy_args) if args.strategy_args else None,
+        dp_epsilon=args.dp_epsilon,
+        strategy_path=strategy,
+        strategy_args=strategy_args,
         startup_kit=args.startup_kit,
         username=args.username,
         checkpoint_dir=args.checkpoint_dir,
@@ -225,7 +240,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-        dp=args.dp_model,
+        dp=args.dp_model or args.dp_epsilon is not None,
+        dp_epsilon=args.dp_epsilon,
+        run_name=args.run,
         name=f"synthbrain-{args.job}",
     )
     build_recipe(spec).export(str(args.out))
@@ -297,6 +314,12 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dp-model", action="store_true", help="DP-compatible VQ-VAE (sites run DP-SGD)")
+    p.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=None,
+        help="target ε of this job at each site running DP-SGD (implies --dp-model; sites cap the total)",
+    )
     p.add_argument("--checkpoint-dir", default=None, help="server-side checkpoint folder")
     p.add_argument("--vqvae", default=None, help="prior job: server-side path of the global VQ-VAE")
 
@@ -312,6 +335,10 @@ def add_fl_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     r.add_argument("--clients", nargs="+", default=None, help="client names (default: the site YAMLs)")
     r.add_argument("--strategy", default=None, help="aggregation strategy class path")
     r.add_argument("--strategy-args", default=None, help="its keyword arguments as JSON")
+    r.add_argument("--dp-fedavg", action="store_true", help="server-side DP-FedAvg (site-level DP)")
+    r.add_argument("--dp-noise", type=float, default=1.0, help="DP-FedAvg noise multiplier σ")
+    r.add_argument("--dp-clip", type=float, default=1.0, help="DP-FedAvg clip bound C (initial if adaptive)")
+    r.add_argument("--dp-quantile", type=float, default=None, help="DP-FedAvg adaptive clipping quantile γ")
     r.add_argument("--startup-kit", default=None, help="prod: the admin's startup kit folder")
     r.add_argument("--username", default="admin@nvidia.com", help="prod: admin user name")
     r.add_argument("--keep-poc", action="store_true", help="poc: leave the POC running afterwards")

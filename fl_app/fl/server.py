@@ -278,6 +278,9 @@ class SynthFedAvg(FedAvg):
         last = int(meta.get("last_round", -1))
         self._history = list(meta.get("history", []))
         self._static_meta = {k: meta[k] for k in ("profile", "model_kind", "dp") if k in meta}
+        restore = getattr(getattr(self.aggregator, "strategy", None), "restore", None)
+        if callable(restore):  # e.g. DP-FedAvg: rounds already noised, adapted clip bound
+            restore(self._history)
         if last >= 0:
             self.start_round = last + 1
             self.num_rounds = max(self.total_rounds - self.start_round, 0)

@@ -10,10 +10,14 @@ One YAML per site (``site_configs/<site>.yaml``)::
     min_subjects: 4
     privacy:                           # local DP-SGD (Opacus), enforced by the site's own client
       enabled: false
-      noise_multiplier: 1.0
-      max_grad_norm: 1.0
+      noise_multiplier: null           # null: derived from the job's target ε for its planned steps
+      max_grad_norm: 1.0               # per-sample clip bound
       delta: 1.0e-5
-      epsilon_budget: 8.0              # the client refuses to train once its spent ε would exceed this
+      epsilon_budget: 8.0              # total ε over all jobs; a task that would exceed it is refused
+      job_epsilon: null                # target ε of a job that does not ask for one
+      accountant: rdp                  # rdp | prv (Opacus)
+      ledger: null                     # default <cache_dir>/privacy_ledger.json: every DP release composed
+      release: [accounting]            # accepted data-dependent extras: accounting and/or metrics
     compute:
       device: auto                     # auto | cpu | cuda
       gpus: []                         # CUDA device ids the client may use (CUDA_VISIBLE_DEVICES)
@@ -35,7 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fl_app.config import ConfigError, SiteConfig
 
@@ -58,13 +62,40 @@ class _Strict(BaseModel):
 
 
 class SitePrivacy(_Strict):
-    """Local differential privacy (DP-SGD at the site) and the site's privacy budget."""
+    """Local differential privacy (record-level DP-SGD at the site) and the site's privacy budget.
+
+    Only the site's YAML sets these; no job setting can raise ``epsilon_budget`` (see docs/PRIVACY.md).
+    """
 
     enabled: bool = False
-    noise_multiplier: float = Field(1.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
+    noise_multiplier: float | None = Field(
+        None, gt=0.0, description="Fixed σ; null = derived from the job's target ε (or job_epsilon)."
+    )
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Per-sample clip bound C.")
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
-    epsilon_budget: float | None = Field(None, gt=0.0, description="Largest total ε the site accepts.")
+    epsilon_budget: float | None = Field(
+        None,
+        gt=0.0,
+        description="Largest total ε (all jobs composed) the site accepts; required when enabled.",
+    )
+    job_epsilon: float | None = Field(
+        None, gt=0.0, description="Target ε of one job when the job does not ask for one."
+    )
+    accountant: Literal["rdp", "prv"] = "rdp"
+    ledger: Path | None = Field(
+        None, description="The site's privacy ledger file (default <cache_dir>/privacy_ledger.json)."
+    )
+    release: list[Literal["accounting", "metrics"]] = Field(
+        default_factory=lambda: ["accounting"],
+        description="Data-dependent values the site accepts to send besides the DP update: 'accounting' "
+        "(ε, σ, sampling rate, steps, subject counts) and/or 'metrics' (losses, PSNR: NOT private).",
+    )
+
+    @model_validator(mode="after")
+    def _budget_when_enabled(self) -> SitePrivacy:
+        if self.enabled and self.epsilon_budget is None:
+            raise ValueError("privacy.enabled needs privacy.epsilon_budget (the site's maximum ε)")
+        return self
 
 
 class SiteCompute(_Strict):
@@ -125,6 +156,9 @@ def fl_site_config_from_dict(
             val = getattr(site, key)
             if val is not None and not Path(val).is_absolute():
                 setattr(site, key, (base / val).resolve())
+        led = parts["privacy"].ledger
+        if led is not None and not Path(led).is_absolute():
+            parts["privacy"].ledger = (base / led).resolve()
     return FLSiteConfig(site=site, **parts)
 
 

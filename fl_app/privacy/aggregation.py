@@ -210,7 +210,17 @@ class SynthAggregator(ModelAggregator):
 
     def aggregate_model(self) -> FLModel:
         if not self._updates:
-            raise RuntimeError("no client updates to aggregate this round")
+            # every site refused (e.g. privacy budgets spent) or failed: the global model stays as it is,
+            # nothing was computed from any data, so no privacy is spent on the server either
+            log.warning(
+                "round %d: no client updates (all sites refused or failed); model unchanged", self._round
+            )
+            return FLModel(
+                params={},
+                params_type=ParamsType.DIFF,
+                metrics={},
+                meta={"site_metrics": {}, "aggregation": {**self.strategy.describe(), "round_noised": False}},
+            )
         updates = sorted(self._updates, key=lambda u: u.site)  # arrival order must not matter
         delta = self.strategy.aggregate(updates, self._round)
         site_metrics = {u.site: {**u.metrics, "num_samples": u.num_samples} for u in updates}

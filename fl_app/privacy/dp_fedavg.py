@@ -38,7 +38,7 @@ from fl_app.privacy.aggregation import AggregationStrategy, ClientUpdate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DPFedAvgStrategy", "dp_fedavg_aggregate", "effective_update_noise"]
+__all__ = ["DPFedAvgStrategy", "dp_fedavg_aggregate", "dp_fedavg_strategy", "effective_update_noise"]
 
 
 def effective_update_noise(noise_multiplier: float, quantile_noise: float | None) -> float:
@@ -213,3 +213,19 @@ class DPFedAvgStrategy(AggregationStrategy):
             "epsilon": self.epsilon(),
             **self.last_round,
         }
+
+
+def dp_fedavg_strategy(
+    noise_multiplier: float = 1.0,
+    clip: float = 1.0,
+    target_quantile: float | None = None,
+    delta: float = 1e-5,
+    seed: int | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """``(strategy_path, strategy_args)`` selecting :class:`DPFedAvgStrategy` in a job."""
+    args: dict[str, Any] = {"noise_multiplier": noise_multiplier, "clip": clip, "delta": delta}
+    if target_quantile is not None:
+        args["target_quantile"] = target_quantile
+    if seed is not None:
+        args["seed"] = seed
+    return f"{__name__}.DPFedAvgStrategy", args

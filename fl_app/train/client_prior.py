@@ -31,12 +31,14 @@ def main(argv: list[str] | None = None) -> int:
         add_common_client_args,
         apply_compute,
         open_site_dataset,
+        planned_steps,
+        refusal_model,
         resolve_site,
         state_checksum,
         state_delta,
         to_state_dict,
     )
-    from fl_app.fl.local_dp import SiteDP
+    from fl_app.fl.local_dp import PrivacyBudgetExceeded, SiteDP, released_metrics
     from fl_app.fl.server import FROZEN_PREFIX
     from fl_app.models.prior import _unwrap, build_prior
     from fl_app.models.vqvae import build_vqvae
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     dp: SiteDP | None = None
     vq_sum = math.nan
     n_train = n_val = 0
+    max_steps = None
     while flare.is_running():
         in_model = flare.receive()
         if in_model is None:
@@ -87,18 +90,30 @@ def main(argv: list[str] | None = None) -> int:
             val_loader = make_prior_loader(codes.subset(val_idx), bs, shuffle=False) if val_idx else None
             model = build_prior(profile).to(device)
             optimizer = make_prior_optimizer(model, args.lr or profile.train.lr)
+            max_steps, steps_per_round = planned_steps(args, cfg, len(train_loader))
             if cfg.privacy.enabled:
-                dp = SiteDP(cfg.privacy)
-                model, optimizer, train_loader = dp.make_private(model, optimizer, train_loader)
+                dp = SiteDP(cfg, flare.get_job_id(), "prior", args.rounds, args.dp_epsilon, args.run)
+                model, optimizer, train_loader = dp.make_private(
+                    model, optimizer, train_loader, steps_per_round
+                )
         net = _unwrap(model)
         received = to_state_dict(in_model.params, exclude_prefix=FROZEN_PREFIX)
         net.load_state_dict(received)
         if dp is not None:
-            dp.check_budget(site_name)
-        before = evaluate_prior(net, val_loader, device) if val_loader is not None else {}
-        max_steps = args.max_steps
-        if cfg.training.max_steps_per_round:
-            max_steps = min(max_steps or 10**9, cfg.training.max_steps_per_round)
+            try:
+                eps_after = dp.check_budget(rnd)
+            except PrivacyBudgetExceeded as exc:
+                log.error("REFUSED round %d: %s", rnd, exc)
+                flare.send(refusal_model("privacy budget exceeded"))
+                continue
+            log.info(
+                "site %s round %d: privacy budget ok (total ε after this round ≤ %.3f)",
+                site_name,
+                rnd,
+                eps_after,
+            )
+        show = val_loader is not None and (dp is None or "metrics" in cfg.privacy.release)
+        before = evaluate_prior(net, val_loader, device) if show else {}
         result = train_prior_local(
             model,
             train_loader,
@@ -108,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             epochs=args.local_epochs if max_steps is None else None,
             max_steps=max_steps,
         )
-        after = evaluate_prior(net, val_loader, device) if val_loader is not None else {}
+        after = evaluate_prior(net, val_loader, device) if show else {}
         final = result["final"]
         n_seq = int(result.get("train_sequences", n_train))
         metrics = {
@@ -122,19 +137,21 @@ def main(argv: list[str] | None = None) -> int:
             "vqvae_checksum": vq_sum,
             "train_seconds": float(result["train_seconds"]),
         }
+        n_weight = max(n_seq, 1)
         if dp is not None:
-            metrics["epsilon"] = dp.epsilon()
+            dp.record_round(rnd)  # the spend is on the ledger before anything leaves the site
+            metrics.update(dp.accounting_metrics())
+            log.info("site %s round %d: %s", site_name, rnd, dp.describe())
+            n_weight = 1  # the sampled count is data-dependent; DP-FedAvg weighs sites uniformly
+        log.info("site %s round %d: %s", site_name, rnd, metrics)
+        metrics = released_metrics(metrics, cfg, dp is not None)
         for k, v in metrics.items():
             if math.isfinite(v) and k != "vqvae_checksum":
                 writer.add_scalar(k, v, global_step=rnd)
-        log.info("site %s round %d: %s", site_name, rnd, metrics)
         delta = state_delta({k: v for k, v in net.state_dict().items()}, received)
         flare.send(
             FLModel(
-                params=delta,
-                params_type=ParamsType.DIFF,
-                metrics=metrics,
-                meta={NUM_SAMPLES_KEY: max(n_seq, 1)},
+                params=delta, params_type=ParamsType.DIFF, metrics=metrics, meta={NUM_SAMPLES_KEY: n_weight}
             )
         )
     return 0

@@ -33,11 +33,13 @@ def main(argv: list[str] | None = None) -> int:
         add_common_client_args,
         apply_compute,
         open_site_dataset,
+        planned_steps,
+        refusal_model,
         resolve_site,
         state_delta,
         to_state_dict,
     )
-    from fl_app.fl.local_dp import SiteDP
+    from fl_app.fl.local_dp import PrivacyBudgetExceeded, SiteDP, released_metrics
     from fl_app.models.vqvae import build_vqvae, unwrap
     from fl_app.privacy.aggregation import NUM_SAMPLES_KEY
     from fl_app.train.vqvae_local import evaluate_vqvae, make_optimizer, make_vqvae_loader, train_vqvae_local
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     model = optimizer = train_loader = val_loader = None
     dp: SiteDP | None = None
     n_train = 0
+    max_steps = None
     while flare.is_running():
         in_model = flare.receive()
         if in_model is None:
@@ -65,20 +68,39 @@ def main(argv: list[str] | None = None) -> int:
             train_part, val_loader = make_loaders(dataset, bs, profile.train.val_fraction, args.seed)
             n_train = len(train_part.dataset)
             train_loader = make_vqvae_loader(train_part.dataset, bs, shuffle=True, seed=args.seed + rnd)
+            if cfg.privacy.enabled and not meta.get("dp", False):
+                raise RuntimeError(
+                    f"site {site_name} runs local DP (privacy.enabled) but the job's VQ-VAE is not the "
+                    "DP-compatible one: the consortium must run the job with DP (--dp / --dp-model)"
+                )
             model = build_vqvae(profile, dp=bool(meta.get("dp", False)))
             optimizer = make_optimizer(model, profile, args.lr)
+            max_steps, steps_per_round = planned_steps(args, cfg, len(train_loader))
             if cfg.privacy.enabled:
-                dp = SiteDP(cfg.privacy)
-                model, optimizer, train_loader = dp.make_private(model, optimizer, train_loader)
+                dp = SiteDP(cfg, flare.get_job_id(), "vqvae", args.rounds, args.dp_epsilon, args.run)
+                model, optimizer, train_loader = dp.make_private(
+                    model, optimizer, train_loader, steps_per_round
+                )
         net = unwrap(model)
         received = to_state_dict(in_model.params)
         net.load_state_dict(received)
         if dp is not None:
-            dp.check_budget(site_name)
-        before = evaluate_vqvae(net, val_loader, device)
-        max_steps = args.max_steps
-        if cfg.training.max_steps_per_round:
-            max_steps = min(max_steps or 10**9, cfg.training.max_steps_per_round)
+            try:
+                eps_after = dp.check_budget(rnd)
+            except PrivacyBudgetExceeded as exc:
+                log.error("REFUSED round %d: %s", rnd, exc)
+                flare.send(refusal_model("privacy budget exceeded"))
+                continue
+            log.info(
+                "site %s round %d: privacy budget ok (total ε after this round ≤ %.3f)",
+                site_name,
+                rnd,
+                eps_after,
+            )
+        show = (
+            dp is None or "metrics" in cfg.privacy.release
+        )  # data-dependent metrics are not computed under DP
+        before = evaluate_vqvae(net, val_loader, device) if show else {}
         result = train_vqvae_local(
             model,
             train_loader,
@@ -89,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             max_steps=max_steps,
             seed=args.seed + rnd,
         )
-        after = evaluate_vqvae(net, val_loader, device)
+        after = evaluate_vqvae(net, val_loader, device) if show else {}
         final = result["final"]
         metrics = {
             "train_loss": float(final.get("loss", math.nan)),
@@ -103,19 +125,21 @@ def main(argv: list[str] | None = None) -> int:
             "num_val_subjects": float(len(val_loader.dataset)),
             "train_seconds": float(result["train_seconds"]),
         }
+        n_weight = max(int(result["train_volumes"]), 1)
         if dp is not None:
-            metrics["epsilon"] = dp.epsilon()
+            dp.record_round(rnd)  # the spend is on the ledger before anything leaves the site
+            metrics.update(dp.accounting_metrics())
+            log.info("site %s round %d: %s", site_name, rnd, dp.describe())
+            n_weight = 1  # the sampled count is data-dependent; DP-FedAvg weighs sites uniformly
+        log.info("site %s round %d: %s", site_name, rnd, metrics)
+        metrics = released_metrics(metrics, cfg, dp is not None)
         for k, v in metrics.items():
             if math.isfinite(v):
                 writer.add_scalar(k, v, global_step=rnd)
-        log.info("site %s round %d: %s", site_name, rnd, metrics)
         delta = state_delta(net.state_dict(), received)
         flare.send(
             FLModel(
-                params=delta,
-                params_type=ParamsType.DIFF,
-                metrics=metrics,
-                meta={NUM_SAMPLES_KEY: max(int(result["train_volumes"]), 1)},
+                params=delta, params_type=ParamsType.DIFF, metrics=metrics, meta={NUM_SAMPLES_KEY: n_weight}
             )
         )
     return 0
