@@ -159,22 +159,28 @@ def test_dp_fedavg_strategy_accounting_integer_buffers_and_adaptive_clip():
 def test_ledger_persists_composes_and_is_idempotent(tmp_path):
     path = tmp_path / "state" / "ledger.json"
     led = PrivacyLedger(path, "site-1")
-    e1 = LedgerEntry(job_id="j1", job="vqvae", round=0, noise_multiplier=1.0, sample_rate=0.25, steps=8,
-                     max_grad_norm=1.0)  # fmt: skip
+    e1 = LedgerEntry(job_id="simulate_job", job="vqvae", round=0, noise_multiplier=1.0, sample_rate=0.25, steps=8,
+                     max_grad_norm=1.0, session="s1")  # fmt: skip
     assert led.record(e1)
     assert not led.record(LedgerEntry(**{**e1.__dict__, "time": ""}))  # same (job, round): not twice
     led.record(LedgerEntry(**{**e1.__dict__, "round": 1, "time": ""}))
     # a new process (new ledger object) sees the same history; a second job composes with the first
     led2 = PrivacyLedger(path, "site-1")
-    led2.record(LedgerEntry(job_id="j2", job="prior", round=0, noise_multiplier=0.9, sample_rate=0.5,
-                            steps=6, max_grad_norm=0.5))  # fmt: skip
+    # same NVFlare job id (the simulator's) and round, another job: counted
+    led2.record(LedgerEntry(job_id="simulate_job", job="prior", round=0, noise_multiplier=0.9, sample_rate=0.5,
+                            steps=6, max_grad_norm=0.5, session="s2"))  # fmt: skip
     hist = [(1.0, 0.25, 8), (1.0, 0.25, 8), (0.9, 0.5, 6)]
     assert led2.history() == hist
     assert led2.epsilon(1e-5) == pytest.approx(_stepped(hist, 1e-5), rel=1e-9)
-    assert led2.epsilon(1e-5, job_id="j1") == pytest.approx(_stepped(hist[:2], 1e-5), rel=1e-9)
-    assert led2.epsilon(1e-5) > led2.epsilon(1e-5, job_id="j1")
+    assert led2.epsilon(1e-5, session="s1") == pytest.approx(_stepped(hist[:2], 1e-5), rel=1e-9)
+    assert led2.epsilon(1e-5) > led2.epsilon(1e-5, session="s1")
+    # a round really run again (restarted client: new session) is a new release and is counted
+    assert led2.record(LedgerEntry(**{**e1.__dict__, "session": "s3", "time": ""}))
+    assert len(led2.history()) == 4
     # budget: a planned round that fits passes, one that does not raises with a clear message
+    hist = led2.history()
     spent = led2.epsilon(1e-5)
+    assert spent == pytest.approx(_stepped(hist, 1e-5), rel=1e-9)
     after = led2.check([(1.0, 0.25, 8)], 1e-5, budget=spent + 5)
     assert spent < after <= spent + 5
     with pytest.raises(PrivacyBudgetExceeded, match="privacy budget exceeded"):

@@ -12,7 +12,8 @@ Per job, :class:`SiteDP`:
    and recorded -- if the total would exceed ``epsilon_budget`` (read from the site YAML only);
 3. after training, :meth:`SiteDP.record_round` writes the DP steps the optimiser actually took (Opacus'
    accountant counts every step, empty Poisson batches included) to the ledger, *before* the update
-   is sent, keyed by (NVFlare job id, round) so that nothing is counted twice.
+   is sent, keyed by (this process's random session id, round): nothing is counted twice, and a round
+   really run again (restarted job) is counted again.
 
 :func:`released_metrics` decides what else leaves the site in a DP job (see docs/PRIVACY.md).
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +116,7 @@ class SiteDP:
         self.steps_per_round = 0
         self._steps_recorded = 0
         self._audit = None
+        self.session = uuid.uuid4().hex
 
     def make_private(
         self, model: nn.Module, optimizer: Optimizer, loader: DataLoader, steps_per_round: int
@@ -194,6 +197,7 @@ class SiteDP:
             steps=int(steps),
             max_grad_norm=float(self.p.max_grad_norm),
             run=self.run,
+            session=self.session,
         )
         self.ledger.record(entry)
         self._steps_recorded += steps
@@ -207,7 +211,7 @@ class SiteDP:
 
     def job_epsilon(self) -> float:
         """ε spent on this job."""
-        return self.ledger.epsilon(self.p.delta, job_id=self.job_id)
+        return self.ledger.epsilon(self.p.delta, session=self.session)
 
     def accounting_metrics(self) -> dict[str, float]:
         """Accounting values for the round's reply (released only with ``release: [accounting]``)."""

@@ -7,8 +7,11 @@
 * :func:`clip_by_global_norm` / :func:`gaussian_noise`: the two primitives of the server mechanism.
 * :class:`PrivacyLedger`: one JSON file per site (in the site's own state folder, named by its YAML)
   listing every DP release the site has made, across rounds, jobs and client restarts. ε is always
-  recomputed from the whole list, so composition over both jobs is exact for the accountant used, and
-  an entry is keyed by ``(job id, round)`` so that replaying a round record never counts it twice.
+  recomputed from the whole list, so composition over both jobs is exact for the accountant used. An
+  entry is keyed by ``(session, round)``, the session being one client process's run of one job (a
+  fresh random id): recording the same round twice never counts it twice, while a round that is really
+  run again (a restarted job, a re-run in the simulator, where every job id is ``simulate_job``) is
+  a new release and is counted -- never fewer releases than happened.
 """
 
 from __future__ import annotations
@@ -151,7 +154,8 @@ class LedgerEntry:
     """One DP release by a site: the DP-SGD steps of one round of one job.
 
     Attributes:
-        job_id: NVFlare job id (unique per submission).
+        job_id: NVFlare job id (informative: the simulator gives every job the same id).
+        session: random id of the client process's run of this job (the dedup key with ``round``).
         job: job kind (``vqvae`` / ``prior``) or another label.
         run: consortium run name, if known.
         round: FL round.
@@ -169,6 +173,7 @@ class LedgerEntry:
     max_grad_norm: float
     run: str = ""
     time: str = ""
+    session: str = ""
 
     def triple(self) -> tuple[float, float, int]:
         return (self.noise_multiplier, self.sample_rate, self.steps)
@@ -246,13 +251,13 @@ class PrivacyLedger:
     def refusals(self) -> list[dict[str, Any]]:
         return self._read().refusals
 
-    def history(self, job_id: str | None = None) -> list[tuple[float, float, int]]:
-        """Accountant history (σ, q, steps) of all entries, or of one job's."""
-        return [e.triple() for e in self.entries() if job_id is None or e.job_id == job_id]
+    def history(self, session: str | None = None) -> list[tuple[float, float, int]]:
+        """Accountant history (σ, q, steps) of all entries, or of one session's (one job run)."""
+        return [e.triple() for e in self.entries() if session is None or e.session == session]
 
-    def epsilon(self, delta: float, job_id: str | None = None) -> float:
-        """ε spent at ``delta``: everything the site released (or one job's part)."""
-        return epsilon_from_history(self.history(job_id), delta, self.accountant)
+    def epsilon(self, delta: float, session: str | None = None) -> float:
+        """ε spent at ``delta``: everything the site released (or one session's part)."""
+        return epsilon_from_history(self.history(session), delta, self.accountant)
 
     def epsilon_if(self, planned: History, delta: float) -> float:
         """ε the site would have spent after the ``planned`` (σ, q, steps) releases too."""
@@ -260,12 +265,14 @@ class PrivacyLedger:
 
     # ---- updates
     def record(self, entry: LedgerEntry) -> bool:
-        """Append ``entry`` unless ``(job_id, round)`` is already recorded; True if appended."""
+        """Append ``entry`` unless ``(session, job, round)`` is already recorded; True if appended."""
         if not entry.time:
             entry.time = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         with self._locked():
             data = self._read()
-            if any(e.job_id == entry.job_id and e.round == entry.round for e in data.entries):
+            if any(
+                (e.session, e.job, e.round) == (entry.session, entry.job, entry.round) for e in data.entries
+            ):
                 return False
             data.entries.append(entry)
             self._write(data)

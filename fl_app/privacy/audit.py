@@ -59,7 +59,9 @@ class ResultAuditFilter(Filter):
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         site = fl_ctx.get_identity_name() or "unknown"
-        rec: dict[str, Any] = {"headers": {k: repr(v) for k, v in shareable.get_header_props().items()}}
+        rec: dict[str, Any] = {
+            "headers": {k: repr(v) for k, v in (shareable.get("__headers__") or {}).items()}
+        }
         rec["return_code"] = shareable.get_return_code()
         try:
             dxo = from_shareable(shareable)
