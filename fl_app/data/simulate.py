@@ -300,8 +300,8 @@ def _template(resolution: int) -> _Template:
     gm[over] /= tot[over]
     wm[over] /= tot[over]
 
-    pad = int(round(_PAD_MM / sp))
-    neck = int(round(_NECK_PAD_MM / sp))
+    pad = round(_PAD_MM / sp)
+    neck = round(_NECK_PAD_MM / sp)
     widths = ((pad, pad), (pad, pad), (pad + neck, pad))
     gm = np.pad(gm, widths)
     wm = np.pad(wm, widths)
@@ -370,7 +370,7 @@ def site_grid(spec: SiteSpec) -> tuple[tuple[int, int, int], np.ndarray]:
     shape = []
     aff = np.eye(4)
     for v, (world_axis, sign) in enumerate(axes):
-        n = int(math.ceil(fov[world_axis] / spec.voxel_mm[v]))
+        n = math.ceil(fov[world_axis] / spec.voxel_mm[v])
         shape.append(n)
         aff[:3, v] = 0.0
         aff[world_axis, v] = sign * spec.voxel_mm[v]
