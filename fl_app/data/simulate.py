@@ -532,7 +532,7 @@ def simulate_subject(
     vox = (mni - tpl.origin[:, None, None, None]) / sp
 
     # --- brain maps in the intracranial region --------------------------------------------------
-    out_vox_mm = float(np.mean(spec.voxel_mm)) * head_scale ** -1
+    out_vox_mm = float(np.mean(spec.voxel_mm)) * head_scale**-1
     sigma = math.sqrt(max(out_vox_mm**2 - sp**2, 0.0)) / (2.355 * sp)
     gm_t, wm_t, icv_t = _smoothed(resolution, round(sigma, 2))
     icv = ndi.map_coordinates(icv_t, vox, order=1, cval=0.0, prefilter=False)
