@@ -221,6 +221,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         gdir = write_global_model(run_dir)
         print(f"global model: {gdir}")
+        if args.dp_epsilon is not None or args.dp_fedavg:
+            from fl_app.privacy.report import attach_to_model_card, format_report, privacy_report
+
+            prep = privacy_report(run_dir, site_config_dir=args.site_config_dir)
+            attach_to_model_card(run_dir, prep)
+            print(format_report(prep))
     return 0
 
 
