@@ -44,7 +44,9 @@ def _datasets(tmp: Path, prof, n_sites: int, n_subjects: int, seed: int):
     sets = [SiteDataset(read_bids(p).valid(), prof, cache_dir=tmp / "cache" / p.name) for p in paths]
     empty = [p.name for p, s in zip(paths, sets, strict=True) if len(s) == 0]
     if empty:
-        print(f"warning: no usable subjects at {empty} (preprocessing refused them); left out", file=sys.stderr)
+        print(
+            f"warning: no usable subjects at {empty} (preprocessing refused them); left out", file=sys.stderr
+        )
     held_path = simulate_sites(tmp / "held", 1, n_subjects, prof, seed + 1000)[0]  # another draw, unseen
     held = SiteDataset(read_bids(held_path).valid(), prof, cache_dir=tmp / "cache" / "held")
     if len(held) == 0:
