@@ -8,7 +8,8 @@ profile grid (``SiteDataset``), trains the joint image + label VQ-VAE centrally 
 ``fl_app.train.vqvae_local.train_vqvae_local`` for a wall-clock budget, and prints / writes JSON with
 ``psnr_db``, ``ssim``, ``ms_ssim``, ``dice_mean`` (+ per tissue), ``compression_ratio`` (16-bit),
 ``compression_ratio_float32``, ``codebook_perplexity``, ``codebook_usage``, ``train_volumes_per_s``,
-``encode_volumes_per_s``, ``decode_volumes_per_s``, ``peak_rss_mb`` and the settings used.
+``encode_volumes_per_s``, ``decode_volumes_per_s``, ``peak_rss_mb``, the settings used and
+reference points from plain down/up-sampling (:func:`downsample_baseline`).
 
 Targets for cpu-demo (2 CPU cores, ≤ 15 min training): PSNR ≥ 27 dB, MS-SSIM ≥ 0.90,
 mean tissue Dice ≥ 0.80, compression ratio < 1 %.
@@ -55,6 +56,30 @@ def _load(paths: list[Path], profile, cache: Path) -> list[dict[str, torch.Tenso
     return items
 
 
+def downsample_baseline(images: torch.Tensor, labels: torch.Tensor, factor: int) -> dict[str, float]:
+    """Reference points for the held-out metrics: average-pool by ``factor`` (and factor/2, factor/4),
+    trilinear up-sampling back; labels by pooled one-hot + argmax. These keep a *continuous* value per
+    cell (32 bits; a whole intensity + 4 tissue fractions), far more than one 8-bit code per cell, so a
+    VQ-VAE at the same grid should be compared with, not expected to beat by much, the ``factor`` row.
+
+    Returns ``baseline_down{f}_psnr_db``, ``..._ms_ssim`` and ``..._dice_mean`` for each f.
+    """
+    import torch.nn.functional as F
+
+    out: dict[str, float] = {}
+    x = images.float()
+    onehot = F.one_hot(labels.clamp(min=0), 4).permute(0, 4, 1, 2, 3).float()
+    for f in sorted({factor, max(factor // 2, 1), max(factor // 4, 1)}):
+        if f == 1:
+            continue
+        rec = F.interpolate(F.avg_pool3d(x, f), scale_factor=f, mode="trilinear", align_corners=False)
+        lab = F.interpolate(F.avg_pool3d(onehot, f), scale_factor=f, mode="trilinear").argmax(1)
+        out[f"baseline_down{f}_psnr_db"] = float(M.psnr(rec.clamp(0, 1), x).mean())
+        out[f"baseline_down{f}_ms_ssim"] = float(M.ms_ssim(rec.clamp(0, 1), x).mean())
+        out[f"baseline_down{f}_dice_mean"] = float(torch.nanmean(M.dice_per_class(lab, labels)))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu-demo")
@@ -70,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this run")
     ap.add_argument("--workdir", type=Path, default=None, help="keep simulated data here (default: temp)")
+    ap.add_argument(
+        "--reuse-data", action="store_true", help="reuse the sites already simulated in --workdir (tuning)"
+    )
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="profile override")
     args = ap.parse_args(argv)
 
@@ -85,8 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         work = args.workdir
     t0 = time.perf_counter()
-    train_sites = simulate_sites(work / "train", args.sites, args.subjects_per_site, profile, seed=args.seed)
-    test_sites = simulate_sites(work / "test", 1, args.test_subjects, profile, seed=args.seed + 1000)
+    if args.reuse_data and (work / "train").is_dir() and (work / "test").is_dir():
+        train_sites = sorted(p for p in (work / "train").iterdir() if p.is_dir())
+        test_sites = sorted(p for p in (work / "test").iterdir() if p.is_dir())
+    else:
+        train_sites = simulate_sites(
+            work / "train", args.sites, args.subjects_per_site, profile, seed=args.seed
+        )
+        test_sites = simulate_sites(work / "test", 1, args.test_subjects, profile, seed=args.seed + 1000)
     train_items = _load(train_sites, profile, work / "cache")
     test_items = _load(test_sites, profile, work / "cache")
     data_seconds = time.perf_counter() - t0
@@ -132,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     decode(model, codes, batch_size=batch_size)
     dec_s = time.perf_counter() - t
 
+    base = downsample_baseline(images, labels, profile.vqvae.downsample_factor)
+
     k = profile.vqvae.num_embeddings
     out = {
         "profile": profile.name,
@@ -166,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_volumes_per_s": result["train_volumes_per_s"],
         "encode_volumes_per_s": len(test_items) / enc_s,
         "decode_volumes_per_s": len(test_items) / dec_s,
+        **base,
         "data_seconds": data_seconds,
         "peak_rss_mb": peak_rss_mb(),
         "loss_curve": [round(e["loss"], 5) for e in result["epochs"]],

@@ -110,6 +110,16 @@ class VQVAESection(_Strict):
     codebook_normalize: bool = Field(
         True, description="'loss' codebook: l2-normalised codes and encoder outputs (cosine lookup)."
     )
+    entropy_weight: float = Field(
+        0.1,
+        ge=0.0,
+        description="'loss' codebook: per-volume code-usage entropy term (anti-collapse, DP-safe).",
+    )
+    entropy_temperature: float = Field(0.1, gt=0.0)
+    lr: float | None = Field(None, gt=0.0, description="VQ-VAE learning rate; None = train.lr.")
+    grad_clip_norm: float | None = Field(
+        1.0, gt=0.0, description="Clip the batch gradient norm (non-DP; DP-SGD clips per sample)."
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     checkpointing: bool = Field(False, description="Activation checkpointing (saves GPU memory).")
     recon_loss: Literal["l1", "l2", "l1+l2"] = Field("l1+l2", description="Image reconstruction loss.")

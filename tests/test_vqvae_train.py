@@ -12,6 +12,7 @@ from fl_app.config import profile_from_dict
 from fl_app.models.vqvae import build_vqvae, load_vqvae
 from fl_app.train.vqvae_local import (
     add_train_local_vqvae_parser,
+    build_discriminator,
     evaluate_vqvae,
     make_optimizer,
     make_vqvae_loader,
@@ -64,8 +65,8 @@ def test_training_learns_images_and_labels() -> None:
     res = train_vqvae_local(model, [*loader, empty], p, optimizer=opt, epochs=1)
     assert res["empty_batches"] == 1 and res["steps"] == 3 and not res["dp"]
     first = res["epochs"][0]["loss"]
-    res = train_vqvae_local(model, loader, p, optimizer=opt, epochs=40, val_loader=val_loader)
-    assert res["steps"] == 40 * 3 and res["train_volumes"] == 40 * 6
+    res = train_vqvae_local(model, loader, p, optimizer=opt, epochs=30, val_loader=val_loader)
+    assert res["steps"] == 30 * 3 and res["train_volumes"] == 30 * 6
     last = res["epochs"][-1]
     assert last["loss"] < 0.5 * first
     assert sum(e["dead_codes_restarted"] for e in res["epochs"]) > 0  # restarts happen outside DP
@@ -90,6 +91,26 @@ def test_step_budget_and_image_only_evaluation() -> None:
     assert math.isnan(ev["dice_mean"]) and math.isfinite(ev["psnr_db"])
 
 
+def test_adversarial_term_trains_discriminator() -> None:
+    torch.manual_seed(0)
+    p = tiny_profile(adv_weight=0.1)
+    model = build_vqvae(p)
+    disc = build_discriminator(p, channels=4, num_layers=2)
+    before = [q.detach().clone() for q in disc.parameters()]
+    loader = make_vqvae_loader(blobs(4), 2, shuffle=False)
+    res = train_vqvae_local(
+        model,
+        loader,
+        p,
+        optimizer=make_optimizer(model, p),
+        max_steps=2,
+        discriminator=disc,
+        disc_optimizer=torch.optim.Adam(disc.parameters(), lr=1e-3),
+    )
+    assert res["steps"] == 2
+    assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters(), strict=True))
+
+
 def test_parse_overrides() -> None:
     assert parse_overrides(["vqvae.num_embeddings=64", "train.lr=1e-4", "vqvae.channels=[8, 16]"]) == {
         "vqvae": {"num_embeddings": 64, "channels": [8, 16]},
@@ -101,23 +122,28 @@ def test_train_local_cli_on_simulated_sites(tmp_path) -> None:
     from fl_app.config import load_profile
     from fl_app.data.simulate import simulate_sites
 
-    prof = load_profile("cpu-demo")
+    # a coarse custom profile keeps simulation, preprocessing and training to seconds
+    prof_yaml = tmp_path / "coarse.yaml"
+    prof_yaml.write_text(
+        "extends: cpu-demo\n"
+        "data: {shape: [32, 32, 32], spacing: [6.0, 6.0, 6.0]}\n"
+        "vqvae: {channels: [4, 4, 8], num_res_channels: [4, 4, 8], num_embeddings: 16}\n"
+    )
+    prof = load_profile(prof_yaml)
     sites = simulate_sites(tmp_path / "bids", 2, 2, prof, seed=0)
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
     add_train_local_vqvae_parser(sub)
     run = tmp_path / "run"
-    small = ["vqvae.channels=[4, 4, 8]", "vqvae.num_res_channels=[4, 4, 8]", "vqvae.num_embeddings=16"]
-    argv = ["vqvae", "--profile", "cpu-demo", "--out", str(run), "--max-steps", "2", "--batch-size", "2"]
+    argv = ["vqvae", "--profile", str(prof_yaml), "--out", str(run), "--max-steps", "2", "--batch-size", "2"]
     argv += [x for s in sites for x in ("--bids", str(s))]
-    argv += [x for s in small for x in ("--set", s)]
-    argv += ["--cache-dir", str(tmp_path / "cache")]
+    argv += ["--set", "vqvae.num_embeddings=32", "--cache-dir", str(tmp_path / "cache")]
     args = parser.parse_args(argv)
     assert args.func(args) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["n_train"] + metrics["n_val"] == 4
     assert "psnr_db" in metrics["final"]["val"]
-    assert metrics["compression_ratio"] < 0.01
+    assert metrics["compression_ratio"] == 4**3 * 5 / (32**3 * 16)
     model, p = load_vqvae(run / "vqvae.pt")
-    assert p.vqvae.num_embeddings == 16 and model.joint
-    assert (run / "profile.yaml").read_text().startswith("name: cpu-demo")
+    assert p.vqvae.num_embeddings == 32 and p.data.shape == (32, 32, 32) and model.joint
+    assert "num_embeddings: 32" in (run / "profile.yaml").read_text()

@@ -20,12 +20,21 @@ parameters outside the optimiser and is therefore refused for DP training (see `
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from monai.networks.layers.vector_quantizer import EMAQuantizer
 from torch import nn
 
 __all__ = ["LossQuantizer", "codebook_usage", "restart_dead_codes"]
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Disable autocast (the lookup runs in float32); a no-op on devices without autocast (meta)."""
+    if device.type in ("cuda", "cpu", "xpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class LossQuantizer(nn.Module):
@@ -47,6 +56,13 @@ class LossQuantizer(nn.Module):
             a ReLU encoder share one dominant direction that would map every position to the same
             code. Centring uses only the volume's own statistics, so the loss still decomposes per
             sample as DP-SGD needs.
+        entropy_weight: weight of a per-volume code-usage term against collapse that needs no restart
+            (so it is available under DP): with soft assignments ``p = softmax(-dist / T)`` of each
+            grid position, ``mean_n H(p_n) - H(mean_n p_n)`` -- confident assignments, but spread over
+            the codebook within each volume. It is computed per volume (decomposes per sample) and
+            reaches only the encoder (the codebook enters detached, so its gradient still flows only
+            through the ``nn.Embedding`` lookup that Opacus' per-sample gradients cover).
+        entropy_temperature: T of the soft assignments (distances of unit vectors lie in [0, 4]).
     """
 
     def __init__(
@@ -57,6 +73,8 @@ class LossQuantizer(nn.Module):
         commitment_cost: float = 0.25,
         init_scale: float | None = None,
         normalize: bool = False,
+        entropy_weight: float = 0.0,
+        entropy_temperature: float = 0.1,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -66,6 +84,8 @@ class LossQuantizer(nn.Module):
         self.embedding_dim = embedding_dim
         self.commitment_cost = float(commitment_cost)
         self.normalize = bool(normalize)
+        self.entropy_weight = float(entropy_weight)
+        self.entropy_temperature = float(entropy_temperature)
         self.embedding = nn.Embedding(num_embeddings, embedding_dim)
         scale = init_scale if init_scale is not None else 1.0 / num_embeddings
         nn.init.uniform_(self.embedding.weight, -scale, scale)
@@ -90,7 +110,7 @@ class LossQuantizer(nn.Module):
         Returns:
             flat inputs (B·prod(S), D), one-hot assignments (B·prod(S), K) and indices (B, *S) int64.
         """
-        with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False):
+        with torch.no_grad(), _no_autocast(inputs.device):
             idx_shape = [inputs.shape[0], *inputs.shape[2:]]
             flat = self.prepare(inputs.float()).permute(self._to_last).reshape(-1, self.embedding_dim)
             w = self.embedding.weight.detach().float()
@@ -103,11 +123,24 @@ class LossQuantizer(nn.Module):
 
     def embed(self, embedding_indices: torch.Tensor) -> torch.Tensor:
         """Codes (B, *S) int64 -> code vectors (B, D, *S), channel first, float32."""
-        with torch.autocast(embedding_indices.device.type, enabled=False):
+        with _no_autocast(embedding_indices.device):
             e = self.embedding(embedding_indices)
             if self.normalize:
                 e = F.normalize(e, dim=-1)
             return e.permute(self._to_first).contiguous()
+
+    def usage_entropy_loss(self, z: torch.Tensor) -> torch.Tensor:
+        """``mean_b [mean_n H(p_bn) - H(mean_n p_bn)]`` for prepared encoder outputs z (B, D, *S)."""
+        b = z.shape[0]
+        flat = z.permute(self._to_last).reshape(b, -1, self.embedding_dim)  # (B, N, D)
+        w = self.embedding.weight.detach().float()
+        if self.normalize:
+            w = F.normalize(w, dim=1)
+        dist = (flat**2).sum(-1, keepdim=True) + (w**2).sum(1) - 2.0 * flat @ w.t()  # (B, N, K)
+        p = torch.softmax(-dist / self.entropy_temperature, dim=-1)
+        per_position = _entropy(p).mean(1)  # (B,)
+        per_volume = _entropy(p.mean(1))  # (B,)
+        return (per_position - per_volume).mean()
 
     def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Quantise ``inputs`` (B, D, *S).
@@ -123,8 +156,14 @@ class LossQuantizer(nn.Module):
         codebook_loss = F.mse_loss(quantized, z.detach())
         commitment_loss = F.mse_loss(z, quantized.detach())
         loss = codebook_loss + self.commitment_cost * commitment_loss
+        if self.entropy_weight > 0:
+            loss = loss + self.entropy_weight * self.usage_entropy_loss(z)
         quantized_st = z + (quantized - z).detach()
         return quantized_st, loss, indices
+
+
+def _entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim)
 
 
 def codebook_usage(indices: torch.Tensor, num_embeddings: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ Public API::
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from fl_app.models.quantizer import LossQuantizer
 __all__ = [
     "NUM_TISSUE_CLASSES",
     "SynthVQVAE",
+    "activation_memory_bytes",
     "build_vqvae",
     "decode",
     "encode",
@@ -163,6 +165,8 @@ def build_vqvae(profile: Profile, joint: bool | None = None, dp: bool = False) -
                 commitment_cost=cfg.commitment_cost,
                 init_scale=cfg.codebook_init_scale,
                 normalize=cfg.codebook_normalize,
+                entropy_weight=cfg.entropy_weight,
+                entropy_temperature=cfg.entropy_temperature,
             )
         )
     else:
@@ -202,7 +206,9 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _autocast(device: torch.device, amp: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp)
 
 
 @torch.no_grad()
@@ -318,3 +324,35 @@ def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     model.eval()
     model.checkpoint_extra = payload.get("extra", {})
     return model, profile
+
+
+def activation_memory_bytes(
+    profile: Profile, batch_size: int = 1, joint: bool | None = None, dp: bool = False
+) -> dict[str, int]:
+    """Estimate training memory of the VQ-VAE at ``profile``'s full grid without allocating it.
+
+    Runs the forward pass on PyTorch's ``meta`` device and sums the bytes of every tensor autograd
+    saves for the backward pass (float32; bf16 autocast roughly halves the convolution activations).
+    An upper bound on saved activations: a tensor saved by two ops is counted twice.
+
+    Returns:
+        ``{"params": bytes of parameters, "saved_activations": bytes, "output_shape": ...}``.
+    """
+    m = build_vqvae(profile, joint=joint, dp=dp).to("meta").train()
+    shape = tuple(profile.data.shape)
+    image = torch.empty(batch_size, 1, *shape, device="meta")
+    label = torch.zeros(batch_size, *shape, dtype=torch.long, device="meta")
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _, codes = m(make_input(image, label, m.joint))
+    return {
+        "params": sum(q.numel() * q.element_size() for q in m.parameters()),
+        "saved_activations": sum(saved),
+        "output_shape": tuple(out.shape),
+        "code_shape": tuple(codes.shape),
+    }

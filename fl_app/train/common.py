@@ -29,8 +29,9 @@ def seed_everything(seed: int) -> None:
 
 def autocast(device: torch.device, amp: str | bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA when ``amp`` is ``"bf16"``/True; a no-op otherwise (and on CPU)."""
-    enabled = (amp is True or amp == "bf16") and device.type == "cuda"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp is True or amp == "bf16")
 
 
 def is_dp_optimizer(optimizer: torch.optim.Optimizer) -> bool:

@@ -144,8 +144,10 @@ def vqvae_loss(
 
 
 def make_optimizer(model: nn.Module, profile: Profile, lr: float | None = None) -> torch.optim.Optimizer:
-    """Adam with the profile's learning rate (Opacus wraps it in a DPOptimizer for DP)."""
-    return torch.optim.Adam(model.parameters(), lr=lr if lr is not None else profile.train.lr)
+    """Adam at ``lr``, else ``vqvae.lr``, else ``train.lr`` (Opacus wraps it in a DPOptimizer for DP)."""
+    if lr is None:
+        lr = profile.vqvae.lr if profile.vqvae.lr is not None else profile.train.lr
+    return torch.optim.Adam(model.parameters(), lr=lr)
 
 
 def build_discriminator(profile: Profile, channels: int = 32, num_layers: int = 3) -> nn.Module:
@@ -270,6 +272,8 @@ def train_vqvae_local(
                         )
                         loss = loss + vq.adv_weight * g_adv
                 loss.backward()
+                if not dp and vq.grad_clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), vq.grad_clip_norm)
                 optimizer.step()
                 if use_adv:
                     disc_optimizer.zero_grad(set_to_none=True)
@@ -462,7 +466,7 @@ def run_train_local_vqvae(args: argparse.Namespace) -> int:
     disc = disc_opt = None
     if profile.vqvae.adv_weight > 0:
         disc = build_discriminator(profile)
-        disc_opt = torch.optim.Adam(disc.parameters(), lr=(args.lr or profile.train.lr), betas=(0.5, 0.9))
+        disc_opt = torch.optim.Adam(disc.parameters(), lr=optimizer.param_groups[0]["lr"], betas=(0.5, 0.9))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.yaml").write_text(profile_to_yaml(profile))
