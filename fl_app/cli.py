@@ -106,6 +106,7 @@ COMMAND_MODULES: list[tuple[str, str]] = [
     ("fl_app.generate.cohort", "add_sample_parser"),
     ("fl_app.evaluate.fidelity", "add_evaluate_parser"),
     ("fl_app.evaluate.audit", "add_audit_parser"),
+    ("fl_app.privacy.report", "add_privacy_parser"),
 ]
 TRAIN_LOCAL_MODULES: list[tuple[str, str]] = [
     ("fl_app.train.vqvae_local", "add_train_local_vqvae_parser"),

@@ -12,7 +12,18 @@ import pytest
 
 from fl_app.cli import main
 
-COMMANDS = ["demo", "simulate", "site", "train-local", "fl", "sample", "evaluate", "profiles"]
+COMMANDS = [
+    "demo",
+    "simulate",
+    "site",
+    "train-local",
+    "fl",
+    "sample",
+    "evaluate",
+    "audit-site",
+    "privacy",
+    "profiles",
+]
 
 
 def test_help_lists_commands():
