@@ -532,7 +532,9 @@ def simulate_subject(
     vox = (mni - tpl.origin[:, None, None, None]) / sp
 
     # --- brain maps in the intracranial region --------------------------------------------------
-    out_vox_mm = float(np.mean(spec.voxel_mm)) * head_scale**-1
+    # Anti-aliasing pre-filter (FWHM ~ the output voxel in template mm; one cached set per site).
+    mean_scale = (0.5 * (_ICV_ML["F"] + _ICV_ML["M"]) / tpl.icv_ml) ** (1.0 / 3.0)
+    out_vox_mm = float(np.mean(spec.voxel_mm)) / mean_scale
     sigma = math.sqrt(max(out_vox_mm**2 - sp**2, 0.0)) / (2.355 * sp)
     gm_t, wm_t, icv_t = _smoothed(resolution, round(sigma, 2))
     icv = ndi.map_coordinates(icv_t, vox, order=1, cval=0.0, prefilter=False)
@@ -590,8 +592,10 @@ def simulate_subject(
     brain = np.zeros(shape, np.float32)
     brain[inside] = pc * spec.csf_level + pg * spec.gm_level + pw * spec.wm_level
     dist = ndi.map_coordinates(tpl.dist_out, vox, order=1, cval=1e3, prefilter=False)
-    nonbrain = _head_tissue(dist, mni, fields[3], fields[4], head_scale)
-    img = brain + (1.0 - icv) * nonbrain
+    # Non-brain tissue only where it can be: near the skull, or in the neck below the skull base.
+    near = (icv < 0.999) & ((dist < 30.0) | (mni[2] < -45.0))
+    img = brain
+    img[near] += (1.0 - icv[near]) * _head_tissue(dist[near], mni[:, near], fields[3][near], fields[4][near])
     bias = np.exp(spec.bias_strength * fields[3] * 0.7 + spec.bias_strength * 0.7 * fields[4][::-1])
     img *= bias.astype(np.float32)
     n1 = rng.standard_normal(shape, dtype=np.float32) * spec.noise_sigma
@@ -612,9 +616,7 @@ def simulate_subject(
     )
 
 
-def _head_tissue(
-    dist: np.ndarray, mni: np.ndarray, field_a: np.ndarray, field_b: np.ndarray, head_scale: float
-) -> np.ndarray:
+def _head_tissue(dist: np.ndarray, mni: np.ndarray, field_a: np.ndarray, field_b: np.ndarray) -> np.ndarray:
     """Non-brain T1 intensity (WM = 1) outside the intracranial volume.
 
     ``dist`` is the MNI-space distance (mm) outside the intracranial volume; layers from inside out:
@@ -639,14 +641,16 @@ def _head_tissue(
     val -= head_out * 0.55
     head = 1.0 - head_out
 
-    # Neck: an elliptic column below the skull base, tapering into the shoulders' direction.
+    # Neck: an elliptic column below the skull base (throat anterior, nape posterior), widening
+    # slowly towards the shoulders.
     x, y, z = mni[0], mni[1], mni[2]
-    zc = -55.0
+    zc = -60.0
     below = 1.0 - _smoothstep(z, zc, 6.0)
-    rx = 52.0 + 0.15 * np.clip(zc - z, 0, None)
-    ry = 58.0
-    r = np.sqrt((x / rx) ** 2 + ((y + 25.0) / ry) ** 2)
-    r_mm = (1.0 - r) * 55.0  # ~mm inside the neck surface
+    widen = 0.25 * np.clip(zc - 30.0 - z, 0, None)
+    rx = 44.0 + widen
+    ry = 50.0 + 0.5 * widen
+    r = np.sqrt((x / rx) ** 2 + ((y + 32.0) / ry) ** 2)
+    r_mm = (1.0 - r) * rx  # ~mm inside the neck surface
     neck_occ = below * _smoothstep(r_mm, 0.0, w)
     neck_val = 0.55 + (0.9 - 0.55) * _smoothstep(r_mm, 2.0, w) - (0.9 - 0.42) * _smoothstep(r_mm, 8.0, w)
     # Vertebral body (marrow, cortical rim) and the spinal canal with cord.
@@ -656,7 +660,6 @@ def _head_tissue(
     rc = np.sqrt(x**2 + (y + 44.0) ** 2)
     canal = _smoothstep(-rc, -8.0, w)
     neck_val = neck_val * (1 - canal) + canal * (0.22 + 0.45 * _smoothstep(-rc, -4.5, w))
-    neck_val = neck_val * _smoothstep(z, zc - 200, w)  # bounded
     use_neck = neck_occ * (1.0 - head)
     return (val * head + use_neck * neck_val).astype(np.float32)
 
@@ -716,7 +719,8 @@ def _write_site(root: Path, spec: SiteSpec, seed: int, site_index: int, draws: l
             "BIDSVersion": "1.9.0",
             "DatasetType": "raw",
             "License": "CC0",
-            "Authors": ["synthbrain simulator"],
+            "Authors": ["synthbrain-simulate", "Fonov V. et al. (ICBM 2009 MNI152 template, via nilearn)"],
+            "ReferencesAndLinks": ["https://doi.org/10.1016/j.neuroimage.2010.07.033"],
             "GeneratedBy": [{"Name": "synthbrain-simulate", "Version": __version__}],
         },
     )
@@ -897,6 +901,44 @@ def preview_montage(site_dirs: Sequence[Path | str], png: Path | str, per_site: 
     return png
 
 
+def find_bids_validator() -> Path | None:
+    """The npm ``bids-validator`` executable: the repository's ``tools/node_modules/.bin`` (pinned,
+    ``npm ci --prefix tools``), else one on ``PATH``; None when neither exists."""
+    import os
+    import shutil
+
+    local = Path(__file__).resolve().parents[2] / "tools" / "node_modules" / ".bin" / "bids-validator"
+    if local.exists() and os.access(local, os.X_OK):
+        return local
+    found = shutil.which("bids-validator")
+    return Path(found) if found else None
+
+
+def validate_bids(root: Path | str, exe: Path | str | None = None) -> tuple[list[str], list[str]]:
+    """Run ``bids-validator --json`` on ``root``; (errors, warnings) as 'KEY: reason' strings."""
+    import subprocess
+
+    exe = exe or find_bids_validator()
+    if exe is None:
+        raise FileNotFoundError("bids-validator not found (run `npm ci --prefix tools`)")
+    proc = subprocess.run([str(exe), "--json", str(root)], capture_output=True, text=True, timeout=600)
+    start = proc.stdout.find("{")
+    if start < 0:
+        raise RuntimeError(
+            f"bids-validator printed no report (exit {proc.returncode}): {proc.stderr[-1000:]}"
+        )
+    issues = json.loads(proc.stdout[start:]).get("issues", {})
+
+    def fmt(items: list[dict[str, Any]]) -> list[str]:
+        out = []
+        for it in items:
+            files = [(f.get("file") or {}).get("relativePath", "") for f in (it.get("files") or [])[:3]]
+            out.append(f"{it.get('key')}: {it.get('reason', '')} {[f for f in files if f]}")
+        return out
+
+    return fmt(issues.get("errors", [])), fmt(issues.get("warnings", []))
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
@@ -919,6 +961,19 @@ def _run_simulate(args: argparse.Namespace) -> int:
         )
     if args.preview:
         print(f"preview: {preview_montage(paths, args.preview)}")
+    if args.validate:
+        exe = find_bids_validator()
+        if exe is None:
+            print("--validate: bids-validator not found (run `make tools` or `npm ci --prefix tools`)")
+            return 1
+        failed = 0
+        for p in paths:
+            errors, warnings = validate_bids(p, exe)
+            print(f"{p.name}: BIDS validator {len(errors)} error(s), {len(warnings)} warning(s)")
+            for e in errors:
+                print(f"    ERROR {e}")
+            failed += bool(errors)
+        return 1 if failed else 0
     return 0
 
 
@@ -938,6 +993,11 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preview", default=None, help="also save a PNG montage of mid-slices here")
+    p.add_argument(
+        "--validate",
+        action="store_true",
+        help="run the BIDS validator (tools/node_modules or PATH) on each site; exit 1 on errors",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="print one line per subject")
     p.set_defaults(func=_run_simulate)
     return p
@@ -952,6 +1012,7 @@ __all__ = [
     "SubjectDraw",
     "add_simulate_parser",
     "draw_subjects",
+    "find_bids_validator",
     "generating_law",
     "preview_montage",
     "simulate_sites",
@@ -960,4 +1021,5 @@ __all__ = [
     "site_spec",
     "site_summary",
     "template_resolution",
+    "validate_bids",
 ]
