@@ -21,7 +21,7 @@ pytestmark = [
 
 def tiny_profile(**vq):
     cfg = {"channels": [4, 8], "num_res_channels": [4, 8], "num_res_layers": 1, "num_embeddings": 16}
-    cfg.update({"embedding_dim": 4, "codebook_init_scale": 0.5, **vq})
+    cfg.update({"embedding_dim": 4, "codebook_init_scale": 0.5, "warmup_steps": 0, **vq})
     return profile_from_dict(
         {"name": "tiny", "data": {"shape": [16, 16, 16], "spacing": [3, 3, 3]}, "vqvae": cfg}
     )

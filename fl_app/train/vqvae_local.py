@@ -16,6 +16,9 @@ metrics dict. With an Opacus ``DPOptimizer`` (``PrivacyEngine.make_private``) it
 Loss (per volume, averaged over the batch so that it decomposes per sample as DP-SGD requires):
 image L1 / L2 + ``label_weight`` · cross-entropy of the label logits (over labelled volumes; 0 for a
 volume without labels) + quantisation loss (+ ``adv_weight`` · patch-adversarial generator loss).
+Every call starts with a linear learning-rate warm-up over ``vqvae.warmup_steps`` steps (the
+optimiser's learning rate is restored on return); outside DP the batch gradient norm is clipped to
+``vqvae.grad_clip_norm``.
 
 ``synthbrain train-local vqvae --bids DIR [--bids DIR2 ...] --profile cpu-demo --out RUN`` trains
 centrally and writes ``RUN/vqvae.pt``, ``RUN/profile.yaml`` and ``RUN/metrics.json``.
@@ -242,6 +245,15 @@ def train_vqvae_local(
 
     model.to(dev)
     model.train()
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    def _set_lr(step: int) -> None:
+        # linear warm-up: Adam's fresh moment estimates make the first full-size steps unstable
+        if vq.warmup_steps > 0:
+            frac = min(1.0, (step + 1) / vq.warmup_steps)
+            for g, lr0 in zip(optimizer.param_groups, base_lrs, strict=True):
+                g["lr"] = lr0 * frac
+
     k = m.num_embeddings
     history: list[dict[str, Any]] = []
     steps = n_vol = n_empty = 0
@@ -259,6 +271,7 @@ def train_vqvae_local(
             if unpacked is None:
                 n_empty += 1
                 if dp:
+                    _set_lr(steps)
                     _dp_noise_only_step(model, optimizer)
                     steps += 1
             else:
@@ -274,6 +287,7 @@ def train_vqvae_local(
                 loss.backward()
                 if not dp and vq.grad_clip_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), vq.grad_clip_norm)
+                _set_lr(steps)
                 optimizer.step()
                 if use_adv:
                     disc_optimizer.zero_grad(set_to_none=True)
@@ -333,6 +347,8 @@ def train_vqvae_local(
             on_epoch_end(rec_epoch)
         if done:
             break
+    for g, lr0 in zip(optimizer.param_groups, base_lrs, strict=True):
+        g["lr"] = lr0
     return {
         "epochs": history,
         "final": history[-1] if history else {},
