@@ -168,7 +168,9 @@ class PriorSection(_Strict):
         description="Linear attention kernel: 'fast' = pytorch-fast-transformers (the 'fast' extra), "
         "'torch' = pure PyTorch, 'auto' = fast when installed (float32) else torch.",
     )
-    linear_chunk: int = Field(64, gt=0, description="Chunk length of the pure-PyTorch causal linear attention.")
+    linear_chunk: int = Field(
+        64, gt=0, description="Chunk length of the pure-PyTorch causal linear attention."
+    )
 
     @model_validator(mode="after")
     def _heads(self) -> PriorSection:
