@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -56,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     work = (args.workdir or Path(tempfile.mkdtemp(prefix="fl_overhead_"))).resolve()
     sites = simulate_sites(work / "data", args.sites, args.subjects, prof, seed=0)
     cfg_dir = work / "site_configs"
+    # the simulated sites share this machine: each gets its share of the cores, as in `synthbrain demo`
+    threads = max(1, (os.cpu_count() or 1) // args.sites)
     for s in sites:
         write_site_yaml(cfg_dir / f"{s.name}.yaml", {"name": s.name, "bids_dir": str(s), "min_subjects": 2,
-                                                      "cache_dir": str(work / "cache" / s.name)})  # fmt: skip
+                                                      "cache_dir": str(work / "cache" / s.name),
+                                                      "compute": {"num_threads": threads}})  # fmt: skip
     # warm the preprocessing caches so that neither arm pays for them
     loaders = []
     for s in sites:

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,48 +23,28 @@ __all__ = ["add_demo_parser", "run_demo", "sample_cohort"]
 
 
 def sample_cohort(global_dir: Path, out_dir: Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """Sample ``n`` subjects from the global model (ages 55–85, alternating sex, CN/MCI/AD in turn).
+    """Sample ``n`` subjects (ages 55–85, alternating sex, CN/MCI/AD in turn) with ``synthbrain sample``'s code.
 
-    Writes ``out_dir/sub-synthNNN/anat/sub-synthNNN_T1w.nii.gz``, the tissue labels under
-    ``derivatives/labels`` and ``participants.tsv``; returns the participant rows.
+    Writes the BIDS derivative cohort (T1w + tissue labels, participants.tsv, sidecars) and its QC
+    montages and HTML report into ``out_dir``; returns the participant rows.
     """
-    import nibabel as nib
-    import numpy as np
-    import torch
-
     from fl_app.data.covariates import DIAGNOSES, SEXES
-    from fl_app.generate.sampler import sample
-    from fl_app.models.prior import load_prior
-    from fl_app.models.vqvae import decode, load_vqvae
+    from fl_app.generate.cohort import CohortRow, load_global_model
+    from fl_app.generate.cohort import sample_cohort as write_cohort
+    from fl_app.generate.qc import write_qc
 
-    vqvae, profile = load_vqvae(global_dir / "vqvae.pt")
-    prior, _ = load_prior(global_dir / "prior.pt")
-    ages = torch.linspace(55.0, 85.0, n) if n > 1 else torch.tensor([70.0])
-    sex = torch.tensor([i % 2 for i in range(n)], dtype=torch.long)
-    dx = torch.tensor([i % 3 for i in range(n)], dtype=torch.long)
-    codes = sample(prior, n, cond={"age": ages, "sex": sex, "diagnosis": dx}, seed=seed, progress=False)
-    image, logits = decode(vqvae, codes)
-    affine = np.diag([*profile.data.spacing, 1.0])
-    affine[:3, 3] = -0.5 * np.asarray(profile.data.spacing) * (np.asarray(profile.data.shape) - 1)
-    rows = []
-    for i in range(n):
-        sub = f"sub-synth{i + 1:03d}"
-        anat = out_dir / sub / "anat"
-        anat.mkdir(parents=True, exist_ok=True)
-        vol = image[i, 0].clamp(0, 1).numpy().astype(np.float32)
-        nib.save(nib.Nifti1Image(vol, affine), anat / f"{sub}_T1w.nii.gz")
-        if logits is not None:
-            ldir = out_dir / "derivatives" / "labels" / sub / "anat"
-            ldir.mkdir(parents=True, exist_ok=True)
-            lab = logits[i].argmax(0).numpy().astype(np.uint8)
-            nib.save(nib.Nifti1Image(lab, affine), ldir / f"{sub}_dseg.nii.gz")
-        rows.append({"participant_id": sub, "age": round(float(ages[i]), 1), "sex": SEXES[int(sex[i])],
-                     "diagnosis": DIAGNOSES[int(dx[i])]})  # fmt: skip
-    with open(out_dir / "participants.tsv", "w") as fh:
-        fh.write("participant_id\tage\tsex\tdiagnosis\n")
-        for r in rows:
-            fh.write(f"{r['participant_id']}\t{r['age']}\t{r['sex']}\t{r['diagnosis']}\n")
-    return rows
+    gm = load_global_model(global_dir, device="cpu")
+    ages = [55.0 + 30.0 * i / (n - 1) for i in range(n)] if n > 1 else [70.0]
+    rows = [
+        CohortRow(f"sub-synth{i + 1:04d}", round(ages[i], 1), SEXES[i % 2], DIAGNOSES[i % 3])
+        for i in range(n)
+    ]
+    write_cohort(gm, rows, out_dir, seed=seed, progress=False, device="cpu")
+    write_qc(out_dir)
+    return [
+        {"participant_id": r.participant_id, "age": r.age, "sex": r.sex, "diagnosis": r.diagnosis}
+        for r in rows
+    ]
 
 
 def _fmt(v: Any) -> str:
@@ -119,9 +100,9 @@ def run_demo(
     out: str | Path = "runs/demo",
     n_sites: int = 3,
     subjects_per_site: int = 6,
-    vqvae_rounds: int = 2,
+    vqvae_rounds: int = 3,
     prior_rounds: int = 2,
-    vqvae_steps: int = 4,
+    vqvae_steps: int = 30,
     prior_steps: int = 15,
     n_samples: int = 4,
     profile: str = "cpu-demo",
@@ -153,11 +134,14 @@ def run_demo(
     print(f"[1/5] simulating {n_sites} sites × {subjects_per_site} subjects ...", flush=True)
     sites = simulate_sites(out / "data", n_sites, subjects_per_site, prof, seed)
     cfg_dir = out / "site_configs"
+    # All simulated sites share this machine's cores: give each one its share instead of letting every
+    # site's torch use all of them (oversubscription made each round several times slower).
+    threads = max(1, (os.cpu_count() or 1) // n_sites)
     for p in sites:
         write_site_yaml(
             cfg_dir / f"{p.name}.yaml",
             {"name": p.name, "bids_dir": str(p), "profile": profile, "cache_dir": str(out / "cache" / p.name),
-             "min_subjects": 2, "compute": {"device": "cpu"},
+             "min_subjects": 2, "compute": {"device": "cpu", "num_threads": threads},
              **({"privacy": {"enabled": True, "epsilon_budget": epsilon_budget}} if dp else {})},
         )  # fmt: skip
     timings["simulate"] = time.perf_counter() - t
@@ -250,9 +234,9 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--subjects", type=int, default=6, help="subjects per site")
-    p.add_argument("--vqvae-rounds", type=int, default=2)
+    p.add_argument("--vqvae-rounds", type=int, default=3)
     p.add_argument("--prior-rounds", type=int, default=2)
-    p.add_argument("--vqvae-steps", type=int, default=4, help="local steps per round")
+    p.add_argument("--vqvae-steps", type=int, default=30, help="local steps per round")
     p.add_argument("--prior-steps", type=int, default=15, help="local steps per round")
     p.add_argument("--samples", type=int, default=4, help="synthetic subjects to sample")
     p.add_argument("--seed", type=int, default=0)

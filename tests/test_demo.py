@@ -27,7 +27,9 @@ def test_tiny_demo_leaves_global_model_bundle_and_cohort(tmp_path):
         assert (g / f).exists(), f
     card = json.loads((g / "model_card.json").read_text())
     assert len(card["sites"]) == 3 and card["num_subjects"] == 12
-    img = nib.load(out / "cohort" / "sub-synth001" / "anat" / "sub-synth001_T1w.nii.gz")
+    img = nib.load(out / "cohort" / "sub-synth0001" / "anat" / "sub-synth0001_T1w.nii.gz")
+    assert (out / "cohort" / "sub-synth0001" / "anat" / "sub-synth0001_dseg.nii.gz").exists()
+    assert (out / "cohort" / "qc" / "report.html").exists()
     assert img.shape == (32, 32, 32)
     rows = (out / "cohort" / "participants.tsv").read_text().strip().splitlines()
     assert len(rows) == 3
