@@ -110,19 +110,21 @@ def enable_optimizer_audit(dp_optimizer: Any, named_params: dict[int, str], out_
         def __init__(self) -> None:
             self.start_state: dict | None = None
             self.steps: list[dict[str, torch.Tensor]] = []
+            self.step_lrs: list[list[float]] = []  # each step's learning rates (schedules, warm-up)
 
         def flush(self, round_num: int) -> None:
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
             torch.save(
                 {"optimizer": type(inner).__name__, "param_order": order, "start_state": self.start_state,
-                 "steps": self.steps, "noise_multiplier": dp_optimizer.noise_multiplier,
+                 "steps": self.steps, "step_lrs": self.step_lrs, "noise_multiplier": dp_optimizer.noise_multiplier,
                  "max_grad_norm": dp_optimizer.max_grad_norm,
                  "expected_batch_size": dp_optimizer.expected_batch_size},
                 out / f"steps_{int(round_num):03d}.pt",
             )  # fmt: skip
             self.start_state = None
             self.steps = []
+            self.step_lrs = []
 
     rec = _Rec()
 
@@ -135,6 +137,7 @@ def enable_optimizer_audit(dp_optimizer: Any, named_params: dict[int, str], out_
                 if p.grad is not None:
                     grads[named_params[id(p)]] = p.grad.detach().cpu().clone()
         rec.steps.append(grads)
+        rec.step_lrs.append([float(g["lr"]) for g in inner.param_groups])
         return orig_step(*args, **kwargs)
 
     inner.step = step
@@ -165,7 +168,11 @@ def replay_round(received: dict[str, torch.Tensor], record: dict[str, Any]) -> d
         i += n
     opt = cls(groups)
     opt.load_state_dict(state)
-    for grads in record["steps"]:
+    step_lrs = record.get("step_lrs") or [None] * len(record["steps"])
+    for grads, lrs in zip(record["steps"], step_lrs, strict=True):
+        if lrs is not None:  # the learning rate the site used at this step (warm-up, schedules)
+            for g, lr in zip(opt.param_groups, lrs, strict=True):
+                g["lr"] = lr
         opt.zero_grad(set_to_none=True)
         for k, p in params.items():
             if k in grads:

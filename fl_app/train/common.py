@@ -47,3 +47,16 @@ def peak_rss_mb() -> float:
     """Peak resident set size of this process in MiB."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1024.0 if sys.platform != "darwin" else rss / 2**20
+
+
+def dp_noise_only_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """DP-SGD step for an empty Poisson batch: zero per-sample gradients, noise added, step counted.
+
+    Skipping empty batches would make the number of released steps depend on the data; Opacus's
+    optimiser adds the noise and its accountant counts the step like any other.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+    optimizer.step()

@@ -40,7 +40,13 @@ from torch.utils.data._utils.collate import default_collate
 from fl_app.config import Profile, TrainSection, profile_to_yaml
 from fl_app.data.covariates import UNKNOWN_DIAGNOSIS, UNKNOWN_SEX
 from fl_app.models.prior import ConditionalPrior, build_prior, save_prior, unwrap_prior
-from fl_app.train.common import is_dp_optimizer, peak_rss_mb, resolve_device, seed_everything
+from fl_app.train.common import (
+    dp_noise_only_step,
+    is_dp_optimizer,
+    peak_rss_mb,
+    resolve_device,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +145,6 @@ def _loss(model: nn.Module, seq: torch.Tensor, age, sex, dx) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), seq.reshape(-1))
 
 
-def _dp_noise_only_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """DP-SGD step for an empty Poisson batch: zero per-sample gradients, noise added, step counted."""
-    optimizer.zero_grad(set_to_none=True)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
-    optimizer.step()
-
-
 def train_prior_local(
     model: nn.Module,
     train_loader: Iterable,
@@ -216,7 +213,7 @@ def train_prior_local(
             if unpacked is None:
                 n_empty += 1
                 if dp:
-                    _dp_noise_only_step(model, optimizer)
+                    dp_noise_only_step(model, optimizer)
                     steps += 1
             else:
                 seq, age, sex, dx = unpacked

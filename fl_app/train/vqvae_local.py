@@ -45,7 +45,14 @@ from fl_app.config import Profile, VQVAESection, load_profile, profile_to_yaml
 from fl_app.evaluate import metrics as M
 from fl_app.models.quantizer import codebook_usage, restart_dead_codes
 from fl_app.models.vqvae import SynthVQVAE, build_vqvae, make_input, save_vqvae, unwrap
-from fl_app.train.common import autocast, is_dp_optimizer, peak_rss_mb, resolve_device, seed_everything
+from fl_app.train.common import (
+    autocast,
+    dp_noise_only_step,
+    is_dp_optimizer,
+    peak_rss_mb,
+    resolve_device,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,15 +169,6 @@ def build_discriminator(profile: Profile, channels: int = 32, num_layers: int = 
     )
 
 
-def _dp_noise_only_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """DP-SGD step for an empty Poisson batch: zero per-sample gradients, noise added, step counted."""
-    optimizer.zero_grad(set_to_none=True)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
-    optimizer.step()
-
-
 def train_vqvae_local(
     model: nn.Module,
     train_loader: Iterable,
@@ -272,7 +270,7 @@ def train_vqvae_local(
                 n_empty += 1
                 if dp:
                     _set_lr(steps)
-                    _dp_noise_only_step(model, optimizer)
+                    dp_noise_only_step(model, optimizer)
                     steps += 1
             else:
                 image, label, has_label = unpacked
