@@ -49,6 +49,21 @@ def _fail(code: str, path: Path, message: str) -> NiftiError:
     return NiftiError(Problem(code=code, message=message, file=str(path)))
 
 
+def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    """Write a NIfTI with sform = qform (code 1), mm units and identity scaling, atomically."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    img.header.set_slope_inter(1.0, 0.0)
+    tmp = path.with_name(path.name.replace(".nii", ".tmp.nii", 1))
+    nib.save(img, str(tmp))
+    os.replace(tmp, path)
+
+
 def is_nifti_name(path: Path) -> bool:
     name = path.name.lower()
     return name.endswith(".nii") or name.endswith(".nii.gz")

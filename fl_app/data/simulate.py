@@ -49,6 +49,7 @@ from scipy.special import expit
 from fl_app import __version__
 from fl_app.config import TISSUE_LABELS, Profile, load_profile
 from fl_app.data.covariates import DIAGNOSES, SEXES
+from fl_app.data.nifti import save_nifti
 
 AGE_RANGE: tuple[float, float] = (45.0, 90.0)
 """Ages of simulated subjects, in years."""
@@ -700,16 +701,6 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_xyzt_units("mm", "sec")
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    img.header.set_slope_inter(1.0, 0.0)
-    nib.save(img, str(path))
-
-
 def _write_site(root: Path, spec: SiteSpec, seed: int, site_index: int, draws: list[SubjectDraw]) -> None:
     root.mkdir(parents=True, exist_ok=True)
     _write_json(
@@ -797,7 +788,7 @@ def simulate_sites(
             sim = simulate_subject(d, spec, res, rng)
             sub = d.participant_id
             anat = root / sub / "anat"
-            _save_nifti(anat / f"{sub}_T1w.nii.gz", sim.t1w, sim.affine)
+            save_nifti(anat / f"{sub}_T1w.nii.gz", sim.t1w, sim.affine)
             _write_json(
                 anat / f"{sub}_T1w.json",
                 {
@@ -808,7 +799,7 @@ def simulate_sites(
                 },
             )
             ldir = root / "derivatives" / "labels" / sub / "anat"
-            _save_nifti(ldir / f"{sub}_dseg.nii.gz", sim.label, sim.affine)
+            save_nifti(ldir / f"{sub}_dseg.nii.gz", sim.label, sim.affine)
             _write_json(
                 ldir / f"{sub}_dseg.json",
                 {

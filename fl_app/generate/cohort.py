@@ -46,13 +46,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 
 from fl_app import __version__
 from fl_app.config import TISSUE_LABELS, Profile
 from fl_app.data.covariates import DIAGNOSES, SEXES, diagnosis_index, sex_index
+from fl_app.data.nifti import save_nifti
 
 log = logging.getLogger(__name__)
 
@@ -316,18 +316,6 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_xyzt_units("mm", "sec")
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    img.header.set_slope_inter(1.0, 0.0)
-    tmp = path.with_name(path.name.replace(".nii.gz", ".tmp.nii.gz"))
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
-
-
 def subject_paths(out: Path, pid: str) -> dict[str, Path]:
     anat = Path(out) / pid / "anat"
     return {
@@ -443,14 +431,14 @@ def _write_subject(
     meta: dict[str, Any],
 ) -> None:
     p = subject_paths(out, row.participant_id)
-    _save_nifti(p["t1w"], np.clip(image, 0.0, 1.0).astype(np.float32), affine)
+    save_nifti(p["t1w"], np.clip(image, 0.0, 1.0).astype(np.float32), affine)
     side = {
         "Description": "Synthetic T1-weighted image (intensities normalised to [0, 1]).",
         "SkullStripped": False,
         "Synthbrain": meta,
     }
     if label is not None:
-        _save_nifti(p["dseg"], label.astype(np.uint8), affine)
+        save_nifti(p["dseg"], label.astype(np.uint8), affine)
         _write_json(
             p["dseg_json"],
             {
