@@ -14,8 +14,8 @@ from scipy import ndimage as ndi
 from fl_app.config import load_profile
 from fl_app.data.cohort import read_bids
 from fl_app.data.dataset import SiteDataset
+from fl_app.data.nifti import gate_release, grid_affine, save_nifti
 from fl_app.evaluate.audit import add_audit_parser, combine_site_audits, site_audit, site_audit_arrays
-from fl_app.generate.cohort import _save_nifti, gate_release, grid_affine
 from tests.conftest import write_nifti
 
 PROFILE = load_profile("cpu-demo", {"data": {"shape": [32, 32, 32], "spacing": [6.0, 6.0, 6.0]},
@@ -62,7 +62,7 @@ def setup(head, tmp_path_factory):
         "sub-honest2": held[1]["image"][0].numpy(),
     }
     for pid, arr in samples.items():
-        _save_nifti(cohort / pid / "anat" / f"{pid}_T1w.nii.gz", arr, grid_affine(PROFILE))
+        save_nifti(cohort / pid / "anat" / f"{pid}_T1w.nii.gz", arr, grid_affine(PROFILE))
     with open(cohort / "participants.tsv", "w", newline="") as fh:
         w = csv.writer(fh, delimiter="\t")
         w.writerow(["participant_id", "age", "sex", "diagnosis"])
