@@ -14,8 +14,9 @@ from scipy import ndimage as ndi
 from fl_app.config import load_profile
 from fl_app.data.cohort import read_bids
 from fl_app.data.dataset import SiteDataset
-from fl_app.data.nifti import gate_release, grid_affine, save_nifti
+from fl_app.data.nifti import save_nifti
 from fl_app.evaluate.audit import add_audit_parser, combine_site_audits, site_audit, site_audit_arrays
+from fl_app.generate.cohort import gate_release, grid_affine
 from tests.conftest import write_nifti
 
 PROFILE = load_profile("cpu-demo", {"data": {"shape": [32, 32, 32], "spacing": [6.0, 6.0, 6.0]},
