@@ -7,7 +7,9 @@ Builds the same architecture twice, with equal width, depth, heads and vocabular
   ``sample`` ends by decoding the grid with a VQ-VAE: a real, tiny MONAI ``VQVAE`` is used and the
   decode time, measured separately, is subtracted so that only token generation is compared;
 * ours: :class:`fl_app.models.prior.ConditionalPrior` + :func:`fl_app.generate.sampler.sample`, once
-  per attention back end (softmax with a key/value cache; linear with its recurrent state).
+  per attention back end (softmax with a key/value cache; linear with its recurrent state) and per
+  precision (``--precisions``: float32 weights, and a bfloat16 sampling copy, reported as
+  ``<backend>+bf16``; MONAI runs in float32).
 
 Both draw with temperature 1 from the full distribution (multinomial). Every (sampler, batch)
 measurement runs in a fresh subprocess so that its peak memory (RSS on CPU, CUDA peak allocation on
@@ -124,17 +126,21 @@ def _measure_monai(args: argparse.Namespace, batch: int, device) -> dict[str, An
     }
 
 
-def _measure_ours(args: argparse.Namespace, backend: str, batch: int, device) -> dict[str, Any]:
+def _measure_ours(
+    args: argparse.Namespace, backend: str, batch: int, device, precision: str = "float32"
+) -> dict[str, Any]:
     import torch
 
     from fl_app.config import PriorSection
-    from fl_app.generate.sampler import make_condition, sample
+    from fl_app.generate.sampler import PRECISIONS, make_condition, sample
     from fl_app.models.prior import ConditionalPrior
 
     grid = tuple(args.grid)
     n = math.prod(grid)
     cfg = PriorSection(d_model=args.width, n_layers=args.depth, n_heads=args.heads, attention=backend)
     model = ConditionalPrior(cfg, args.vocab, grid).to(device).eval()
+    if precision != "float32":  # what sample(precision=...) does, done once outside the timed runs
+        model = model.sampling_copy(PRECISIONS[precision], device).eval()
     cond = make_condition(
         batch, age=(70.0, 80.0), sex="F", diagnosis="AD", generator=torch.Generator().manual_seed(0)
     )
@@ -181,7 +187,8 @@ def _one(args: argparse.Namespace) -> dict[str, Any]:
     which, batch = args.one.split(":")
     if which == "monai":
         return _measure_monai(args, int(batch), device)
-    return _measure_ours(args, which, int(batch), device)
+    backend, _, prec = which.partition("+")
+    return _measure_ours(args, backend, int(batch), device, {"": "float32", "bf16": "bfloat16"}[prec])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=256, help="codebook size (MONAI gets one more for BOS)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--backends", nargs="+", default=["softmax", "linear"], choices=["softmax", "linear"])
+    p.add_argument(
+        "--precisions", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"]
+    )
     p.add_argument("--skip-monai", action="store_true", help="only our sampler (e.g. published size on CPU)")
     p.add_argument("--monai-flash", action="store_true", help="MONAI with use_flash_attention=True (SDPA)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -211,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     runs = [] if args.skip_monai else [("monai", b) for b in args.batches]
-    runs += [(be, b) for be in args.backends for b in args.batches]
+    labels = [be + ("" if pr == "float32" else "+bf16") for be in args.backends for pr in args.precisions]
+    runs += [(lab, b) for lab in labels for b in args.batches]
     raw: dict[str, dict[str, Any]] = {}
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
     for which, batch in runs:
@@ -241,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": os.cpu_count(),
         },
         "monai_tokens_per_s": {b: r["tokens_per_s"] for b, r in raw.get("monai", {}).items()},
-        "ours_tokens_per_s": {be: {b: r["tokens_per_s"] for b, r in raw[be].items()} for be in args.backends},
+        "ours_tokens_per_s": {be: {b: r["tokens_per_s"] for b, r in raw[be].items()} for be in labels},
         "speedup": {},
         "peak_memory_mb": {k: {b: r["peak_memory_mb"] for b, r in v.items()} for k, v in raw.items()},
         "seconds": {k: {b: r["seconds"] for b, r in v.items()} for k, v in raw.items()},
@@ -251,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         result["monai_decode_seconds_subtracted"] = {b: r["decode_seconds"] for b, r in raw["monai"].items()}
         result["speedup"] = {
             be: {b: raw[be][b]["tokens_per_s"] / raw["monai"][b]["tokens_per_s"] for b in raw[be]}
-            for be in args.backends
+            for be in labels
         }
     text = json.dumps(result, indent=2)
     print(text)

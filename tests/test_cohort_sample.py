@@ -137,6 +137,8 @@ def test_seed_reproducible_and_resume(gm, tmp_path):
     assert not np.array_equal(_arrays(a, "sub-synth0001")[0], _arrays(c, "sub-synth0001")[0])
     with pytest.raises(ValueError, match="seed"):
         sample_cohort(gm, rows, a, seed=8, chunk_size=2, progress=False, device="cpu")
+    with pytest.raises(ValueError, match="precision"):  # a bfloat16 run cannot finish a float32 cohort
+        sample_cohort(gm, rows, a, seed=7, chunk_size=2, progress=False, device="cpu", precision="bfloat16")
     assert make_rows(5, (60, 90), None, "MCI", seed=3) == rows  # the covariates are seeded too
 
 

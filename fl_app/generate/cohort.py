@@ -465,8 +465,12 @@ def sample_cohort(
     chunk_size: int = 8,
     progress: bool = True,
     device: str | torch.device | None = None,
+    precision: str = "float32",
 ) -> dict[str, Any]:
     """Sample and write the cohort ``rows`` under ``out`` (see the module docstring).
+
+    ``precision``: the prior's sampling precision (``"float32"`` or ``"bfloat16"``, see
+    :func:`fl_app.generate.sampler.sample`); part of the cohort's settings like the seed.
 
     Returns ``{"written": n newly written, "skipped": n already there, "withheld": n, "seconds": s,
     "volumes_per_s": newly written / s}``. Raises ``ValueError`` if ``out`` holds a cohort sampled
@@ -488,12 +492,14 @@ def sample_cohort(
         "temperature": float(temperature),
         "top_k": top_k,
         "top_p": top_p,
+        "precision": precision,
         "device_type": dev.type,
         "subjects": [asdict(r) for r in rows],
     }
     sfile = out / SAMPLING_FILE
     if sfile.is_file():
         old = json.loads(sfile.read_text())
+        old.setdefault("precision", "float32")  # cohorts written before the option existed
         diff = [k for k in settings if k not in ("synthbrain_version",) and old.get(k) != settings[k]]
         if diff:
             raise ValueError(
@@ -531,6 +537,7 @@ def sample_cohort(
                 batch_size=len(chunk),
                 progress=False,
                 device=dev,
+                precision=precision,
             )
             image, logits = decode(gm.vqvae, codes.to(dev))
             image = image.float().cpu().numpy()
@@ -671,6 +678,7 @@ def _run_sample(args: argparse.Namespace) -> int:
             chunk_size=args.batch_size,
             progress=not args.quiet,
             device=args.device,
+            precision=args.precision,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -749,6 +757,12 @@ def add_sample_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="subjects per sampling chunk (part of the seed: keep it to resume)",
     )
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1 ...")
+    p.add_argument(
+        "--precision",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="prior sampling precision: float32 (exact) or bfloat16 (fewer bytes per token: faster; see docs/BENCHMARKS.md)",
+    )
     gate = p.add_argument_group("memorisation audit gate")
     gate.add_argument(
         "--audit-site", nargs="+", metavar="JSON", help="site audit results (synthbrain audit-site)"

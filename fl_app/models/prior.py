@@ -32,6 +32,7 @@ Shapes: ``B`` batch, ``L`` input codes, ``N`` codes per grid, ``V`` codebook siz
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,6 +247,20 @@ class ConditionalPrior(nn.Module):
             if name.endswith(("attn.proj.weight", "fc_out.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
+    def sampling_copy(self, dtype: torch.dtype, device: torch.device | str | None = None) -> ConditionalPrior:
+        """A copy for sampling in ``dtype`` (e.g. bfloat16); ``self`` is not modified.
+
+        The age embedding stays float32: its Fourier features reach frequencies (π·2^k) at which bfloat16's
+        8-bit mantissa would scramble the phase. Everything on the per-token path is cast.
+        """
+        m = copy.deepcopy(self)
+        if device is not None:
+            m = m.to(device)
+        for name, child in m.named_children():
+            if name != "age_emb":
+                child.to(dtype)
+        return m
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -297,7 +312,10 @@ class ConditionalPrior(nn.Module):
             drop = torch.zeros(b, 3, dtype=torch.bool, device=dev)
         sex = torch.where(drop[:, 1], torch.full_like(sex, UNKNOWN_SEX), sex)
         diagnosis = torch.where(drop[:, 2], torch.full_like(diagnosis, UNKNOWN_DIAGNOSIS), diagnosis)
-        return torch.stack([self.age_emb(age, drop[:, 0]), self.sex_emb(sex), self.dx_emb(diagnosis)], dim=1)
+        dt = self.tok_emb.weight.dtype  # the age embedding may stay float32 in a bfloat16 sampling copy
+        return torch.stack(
+            [self.age_emb(age, drop[:, 0]).to(dt), self.sex_emb(sex), self.dx_emb(diagnosis)], dim=1
+        )
 
     # ----------------------------------------------------------------- full (parallel) pass
 
