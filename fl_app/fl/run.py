@@ -285,26 +285,25 @@ def _cmd_poc(args: argparse.Namespace) -> int:
 
 
 def _cmd_provision(args: argparse.Namespace) -> int:
-    import subprocess
+    """Provision startup kits from the project file, then check each kit (mTLS, certificates, policy)."""
     import sys
 
-    ws = Path(args.workspace).resolve()
-    ws.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "nvflare.cli",
-        "provision",
-        "-p",
-        str(Path(args.project).resolve()),
-        "-w",
-        str(ws),
-        "--force",
-    ]
-    res = subprocess.run(cmd, stdin=subprocess.DEVNULL)
-    if res.returncode == 0:
-        print(f"startup kits in {ws}/<project>/prod_NN/: one folder per server, site and admin")
-    return res.returncode
+    from fl_app.fl.security import check_kits, provision
+
+    try:
+        prod = provision(args.project, args.workspace)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    checks = check_kits(args.project, prod)
+    bad = 0
+    for c in checks:
+        status = "ok" if not c.problems else "PROBLEM: " + "; ".join(c.problems)
+        cert = f"cert CN={c.subject_cn} O={c.subject_org}"
+        print(f"  {c.kind:6s} {c.name:45s} {c.connection_security:5s} {cert} {status}")
+        bad += bool(c.problems)
+    print(f"startup kits in {prod}: one folder per server, site and admin; send each to its owner securely")
+    return 1 if bad else 0
 
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
