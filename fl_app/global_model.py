@@ -62,6 +62,15 @@ def _job_summary(ckpt: dict[str, Any], job: dict[str, Any] | None) -> dict[str, 
         "site_epsilon": eps or None,
         "final_metrics": last.get("metrics", {}),
         "metrics_by_round": [{"round": r["round"], **r.get("metrics", {})} for r in hist],
+        "participation": [  # which sites were aggregated in which round, and which were missing
+            {
+                "round": r["round"],
+                "sites": r.get("contributing_sites", sorted(r.get("sites", {}))),
+                "missing_sites": r.get("missing_sites", []),
+                "job_started_at_round": r.get("job_started_at_round", 0),
+            }
+            for r in hist
+        ],
         "job": {k: v for k, v in (job or {}).items() if k not in ("profile",)},
     }
 

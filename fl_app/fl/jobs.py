@@ -36,15 +36,30 @@ __all__ = ["CLIENT_SCRIPTS", "JobSpec", "SynthFedAvgRecipe", "build_recipe"]
 
 
 class SynthFedAvgRecipe(PTFedAvgRecipe):
-    """NVFlare's PyTorch ``FedAvgRecipe`` with the synthbrain controller (resume) in place of FedAvg."""
+    """NVFlare's PyTorch ``FedAvgRecipe`` with the synthbrain controller (resume, drop-out) in place of FedAvg.
+
+    ``min_clients`` (NVFlare's job ``min_clients``: sites needed to start the job, and below which alive
+    sites NVFlare aborts it) is also the replies a round needs (``min_sites``); ``num_clients`` sites are
+    asked each round, and a round closes ``round_timeout`` seconds after ``min_sites`` have replied.
+    """
+
+    def __init__(
+        self, *args: Any, num_clients: int | None = None, round_timeout: int = 0, **kwargs: Any
+    ) -> None:
+        self._num_clients = num_clients
+        self._round_timeout = int(round_timeout)
+        super().__init__(*args, **kwargs)
 
     def _create_controller(self, persistor_id: str, model_params: Any, model_aggregator: Any) -> SynthFedAvg:
+        num_clients = max(self._num_clients or self.min_clients, self.min_clients)
         return SynthFedAvg(
-            num_clients=self.min_clients,
+            num_clients=num_clients,
             num_rounds=self.num_rounds,
             persistor_id=persistor_id,
             aggregator=model_aggregator,
             task_name="train",
+            min_sites=self.min_clients if self.min_clients < num_clients else 0,
+            round_timeout=self._round_timeout,
         )
 
 
@@ -55,8 +70,11 @@ class JobSpec:
     Attributes:
         kind: ``"vqvae"`` or ``"prior"``.
         profile: resolved profile dict (``Profile.model_dump(mode="json")``).
-        num_clients: clients per round (= min_clients).
+        num_clients: sites asked each round (the job's sites).
         num_rounds: total rounds.
+        min_sites: sites needed to start the job and replies needed to close a round (None: all
+            ``num_clients``); fewer alive sites than this and NVFlare aborts the job (resubmit to resume).
+        round_timeout: seconds a round waits for the remaining sites once ``min_sites`` have replied.
         checkpoint_dir: server-side checkpoint folder (absolute, or relative to the server workspace).
         frozen_vqvae: prior job: server-side path of the first job's ``global_vqvae.pt``.
         site_config_dir: folder of ``<site>.yaml`` visible to the clients (simulator / POC); None =
@@ -75,6 +93,8 @@ class JobSpec:
     num_clients: int
     num_rounds: int
     checkpoint_dir: str
+    min_sites: int | None = None
+    round_timeout: int = 60
     frozen_vqvae: str = ""
     site_config_dir: str | None = None
     local_epochs: int = 1
@@ -128,7 +148,9 @@ def build_recipe(
     )
     recipe = SynthFedAvgRecipe(
         name=spec.name or f"synthbrain-{spec.kind}",
-        min_clients=spec.num_clients,
+        min_clients=min(spec.min_sites or spec.num_clients, spec.num_clients),
+        num_clients=spec.num_clients,
+        round_timeout=spec.round_timeout,
         num_rounds=spec.num_rounds,
         train_script=str(CLIENT_SCRIPTS[spec.kind]),
         train_args=spec.train_args(),

@@ -30,8 +30,24 @@ log = logging.getLogger(__name__)
 PROJECT_NAME = "synthbrain_poc"
 ADMIN = "admin@nvidia.com"
 PID_FILE = "synthbrain_pids.json"
+CLIENT_OUTCOME_WAIT_S = 30
+"""How long the POC server waits, after a job ends, for the outcome report of a site that dropped out
+(NVFlare's ``client_outcome_wait_timeout``, 900 s by default) before it finalises the job."""
 
-__all__ = ["admin_kit", "free_port", "is_running", "prepare", "start", "stop", "wait_ready"]
+__all__ = [
+    "admin_kit",
+    "free_port",
+    "is_running",
+    "pids",
+    "prepare",
+    "start",
+    "start_server",
+    "start_site",
+    "stop",
+    "stop_server",
+    "stop_site",
+    "wait_ready",
+]
 
 
 def free_port() -> int:
@@ -120,6 +136,39 @@ def is_running(workspace: str | Path) -> bool:
     return any(_alive(p) for p in _pids(Path(workspace)).values())
 
 
+def pids(workspace: str | Path) -> dict[str, int]:
+    """``{participant: process-group id}`` of what :func:`start` / :func:`start_site` launched and is recorded."""
+    return dict(_pids(Path(workspace).resolve()))
+
+
+def _launch(workspace: Path, name: str, extra_env: dict[str, str] | None) -> int:
+    """Start one participant from its startup kit in its own process group; record its PID."""
+    kit = prod_dir(workspace) / name
+    if not kit.is_dir():
+        raise FileNotFoundError(f"no startup kit for {name!r} in {prod_dir(workspace)}")
+    env = _env(workspace)
+    if name == "server":
+        env.setdefault("NVFLARE_CLIENT_OUTCOME_WAIT_TIMEOUT", str(CLIENT_OUTCOME_WAIT_S))
+    env.update(extra_env or {})
+    logs = workspace / "logs"
+    logs.mkdir(exist_ok=True)
+    with open(logs / f"{name}.log", "ab") as out:
+        proc = subprocess.Popen(
+            ["bash", str(kit / "startup" / "sub_start.sh"), "--once"],
+            cwd=kit,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # own process group: stop() ends it and its job processes
+        )
+    recorded = _pids(workspace)
+    recorded[name] = proc.pid
+    (workspace / PID_FILE).write_text(json.dumps(recorded))
+    log.info("started %s (pid %d)", name, proc.pid)
+    return proc.pid
+
+
 def start(
     workspace: str | Path, clients: list[str], site_env: dict[str, dict[str, str]] | None = None
 ) -> dict[str, int]:
@@ -131,32 +180,108 @@ def start(
         site_env: extra environment per client (e.g. ``SYNTHBRAIN_SITE_CONFIG``), as hospital IT sets it.
     """
     workspace = Path(workspace).resolve()
-    prod = prod_dir(workspace)
-    pids: dict[str, int] = _pids(workspace)
-    logs = workspace / "logs"
-    logs.mkdir(exist_ok=True)
     for name in ["server", *clients]:
-        if name in pids and _alive(pids[name]):
+        running = _pids(workspace)
+        if name in running and _alive(running[name]):
             continue
-        kit = prod / name
-        env = _env(workspace)
-        env.update((site_env or {}).get(name, {}))
-        with open(logs / f"{name}.log", "ab") as out:
-            proc = subprocess.Popen(
-                ["bash", str(kit / "startup" / "sub_start.sh"), "--once"],
-                cwd=kit,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # own process group: stop() ends it and its job processes
-            )
-        pids[name] = proc.pid
-        (workspace / PID_FILE).write_text(json.dumps(pids))
-        log.info("started %s (pid %d)", name, proc.pid)
+        _launch(workspace, name, (site_env or {}).get(name))
         if name == "server":
             time.sleep(3)
-    return pids
+    return _pids(workspace)
+
+
+def start_site(workspace: str | Path, name: str, env: dict[str, str] | None = None) -> int:
+    """(Re)start one site's client from its startup kit, as its hospital IT would; returns its PID.
+
+    Args:
+        workspace: the prepared POC workspace.
+        name: the site (client) name.
+        env: its extra environment (e.g. ``{"SYNTHBRAIN_SITE_CONFIG": ...}``).
+    """
+    workspace = Path(workspace).resolve()
+    running = _pids(workspace)
+    if name in running and _alive_group(running[name]):
+        raise RuntimeError(f"{name} is still running (pid {running[name]}): stop it first")
+    return _launch(workspace, name, env)
+
+
+def start_server(workspace: str | Path) -> int:
+    """(Re)start the POC server from its startup kit; returns its PID (clients reconnect by themselves)."""
+    return start_site(workspace, "server")
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs of every live descendant of ``pid`` (NVFlare starts job processes in sessions of their own,
+    outside the participant's process group, so they are found through the process tree)."""
+    out: list[int] = []
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return out
+    for k in kids:
+        out.append(int(k))
+        out.extend(_descendants(int(k)))
+    return out
+
+
+def _end_groups(pids: list[int], grace: float, sig: int = signal.SIGTERM) -> list[int]:
+    """Signal the process groups ``pids`` (and their job processes, by PID), wait, SIGKILL what is left
+    after ``grace`` seconds, reap our own children; returns the groups that were alive."""
+    alive = [p for p in pids if _alive_group(p)]
+    tree = {p: _descendants(p) for p in alive}  # before the parents die and the children are re-parented
+    for p in alive:
+        for q in (p, *tree[p]):
+            try:
+                os.killpg(q, sig) if q == p else os.kill(q, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+    deadline = time.time() + grace
+    for p in alive:
+        while (_alive_group(p) or any(_alive(q) for q in tree[p])) and time.time() < deadline:
+            time.sleep(0.3)
+        for q in (p, *tree[p]):
+            try:
+                os.killpg(q, signal.SIGKILL) if q == p else os.kill(q, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        end = time.time() + 10
+        while _alive_group(p) and time.time() < end:
+            time.sleep(0.2)
+    for p in alive:
+        try:
+            os.waitpid(p, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    return alive
+
+
+def stop_site(workspace: str | Path, name: str, *, kill: bool = False, grace: float = 15.0) -> int | None:
+    """End one participant's process group (its client or server and the job processes it started).
+
+    Args:
+        workspace: the POC workspace.
+        name: ``"server"`` or a site name.
+        kill: SIGKILL at once (a crash: no clean shutdown, nothing told to the server) instead of SIGTERM.
+        grace: seconds between SIGTERM and SIGKILL.
+
+    Returns:
+        the PID ended, or None if it was not running.
+    """
+    workspace = Path(workspace).resolve()
+    recorded = _pids(workspace)
+    pid = recorded.pop(name, None)
+    ended = None
+    if pid is not None and _alive_group(pid):
+        log.info("stopping %s (pid %d)%s", name, pid, " with SIGKILL" if kill else "")
+        _end_groups([pid], grace, signal.SIGKILL if kill else signal.SIGTERM)
+        ended = pid
+    (workspace / PID_FILE).write_text(json.dumps(recorded))
+    return ended
+
+
+def stop_server(workspace: str | Path, *, kill: bool = False) -> int | None:
+    """End the POC server's process group (see :func:`stop_site`); the clients keep running."""
+    return stop_site(workspace, "server", kill=kill)
 
 
 def wait_ready(workspace: str | Path, clients: list[str], timeout: float = 120.0) -> None:
@@ -185,33 +310,13 @@ def wait_ready(workspace: str | Path, clients: list[str], timeout: float = 120.0
 
 
 def stop(workspace: str | Path, grace: float = 15.0) -> list[int]:
-    """End every process group :func:`start` launched (SIGTERM, then SIGKILL); returns the PIDs ended."""
+    """End every process group :func:`start` launched, and the job processes they started (SIGTERM, then
+    SIGKILL); returns the PIDs of the groups ended."""
     workspace = Path(workspace).resolve()
-    pids = _pids(workspace)
-    ended = []
-    for name, pid in reversed(list(pids.items())):
-        if not _alive(pid):
-            continue
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        ended.append(pid)
+    recorded = _pids(workspace)
+    for name, pid in recorded.items():
         log.info("stopping %s (pid %d)", name, pid)
-    deadline = time.time() + grace
-    for pid in ended:
-        while _alive_group(pid) and time.time() < deadline:
-            time.sleep(0.3)
-        if _alive_group(pid):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    for pid in ended:  # reap our own children
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
+    ended = _end_groups(list(reversed(list(recorded.values()))), grace)
     (workspace / PID_FILE).unlink(missing_ok=True)
     return ended
 

@@ -47,6 +47,8 @@ def run_job(
     profile: dict[str, Any],
     clients: list[str],
     num_rounds: int,
+    min_sites: int | None = None,
+    round_timeout: int = 60,
     site_config_dir: str | Path | None = None,
     local_epochs: int = 1,
     max_steps: int | None = None,
@@ -96,6 +98,8 @@ def run_job(
         profile=profile,
         num_clients=len(clients),
         num_rounds=num_rounds,
+        min_sites=min_sites,
+        round_timeout=round_timeout,
         checkpoint_dir=checkpoint_dir,
         frozen_vqvae=frozen_vqvae or "",
         site_config_dir=str(Path(site_config_dir).resolve()) if (site_config_dir and env == "sim") else None,
@@ -198,6 +202,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         profile=_profile_from_args(args),
         clients=clients,
         num_rounds=args.rounds,
+        min_sites=args.min_sites,
+        round_timeout=args.round_timeout,
         site_config_dir=args.site_config_dir,
         local_epochs=args.local_epochs,
         max_steps=args.max_steps,
@@ -238,6 +244,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         profile=_profile_from_args(args),
         num_clients=args.num_clients,
         num_rounds=args.rounds,
+        min_sites=args.min_sites,
+        round_timeout=args.round_timeout,
         checkpoint_dir=args.checkpoint_dir or f"synthbrain/{args.run}/{args.job}",
         frozen_vqvae=args.vqvae
         or (f"synthbrain/{args.run}/vqvae/global_vqvae.pt" if args.job == "prior" else ""),
@@ -313,6 +321,19 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="cpu-demo")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="profile override, e.g. train.lr=5e-4")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument(
+        "--min-sites",
+        type=int,
+        default=None,
+        help="sites needed to start the job and to close a round (default: all); a round goes on without "
+        "the others, which are recorded as missing",
+    )
+    p.add_argument(
+        "--round-timeout",
+        type=int,
+        default=60,
+        help="seconds a round waits for the remaining sites once --min-sites have replied (default 60)",
+    )
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=None, help="cap on local steps per round")
     p.add_argument("--batch-size", type=int, default=None)

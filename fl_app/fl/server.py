@@ -243,14 +243,23 @@ def _to_numpy_dict(params: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 class SynthFedAvg(FedAvg):
-    """FedAvg (sample-weighted, pluggable aggregator) that resumes from the persistor's last round.
+    """FedAvg (sample-weighted, pluggable aggregator) that resumes from the persistor's last round and
+    tolerates sites dropping out.
+
+    Each round the task goes to every participating site; it ends when all of them have replied, or
+    ``round_timeout`` seconds after ``min_sites`` of them have (NVFlare's ``min_responses`` and
+    ``wait_time_after_min_received``). The sites aggregated and the sites that did not contribute are
+    recorded per round in the history (``contributing_sites`` / ``missing_sites``).
 
     Args:
-        num_clients: clients per round.
+        num_clients: clients per round (every participating site when it is at least their number).
         num_rounds: total rounds of the job (a resumed job runs only the remaining ones).
         persistor_id: the :class:`SynthPersistor` component's id.
         aggregator: a ``ModelAggregator`` (normally :class:`fl_app.privacy.aggregation.SynthAggregator`).
         task_name: the client task.
+        min_sites: replies needed before a round may close (0: every targeted site).
+        round_timeout: seconds to wait for the remaining sites once ``min_sites`` have replied (0: do not
+            wait; only used when ``min_sites`` is smaller than the number of sites).
     """
 
     def __init__(
@@ -260,6 +269,8 @@ class SynthFedAvg(FedAvg):
         persistor_id: str = "persistor",
         aggregator: Any = None,
         task_name: str = "train",
+        min_sites: int = 0,
+        round_timeout: int = 0,
     ) -> None:
         super().__init__(
             num_clients=num_clients,
@@ -268,9 +279,14 @@ class SynthFedAvg(FedAvg):
             aggregator=aggregator,
             task_name=task_name,
         )
+        if min_sites < 0 or round_timeout < 0:
+            raise ValueError("min_sites and round_timeout must be >= 0")
         self.total_rounds = num_rounds
+        self.min_sites = int(min_sites)
+        self.round_timeout = int(round_timeout)
         self._history: list[dict[str, Any]] = []
         self._static_meta: dict[str, Any] = {}
+        self._round_targets: list[str] = []
 
     def load_model(self) -> FLModel:
         model = super().load_model()
@@ -288,17 +304,65 @@ class SynthFedAvg(FedAvg):
         model.meta = {**self._static_meta, "last_round": last, "history": self._history}
         return model
 
+    def send_model(
+        self,
+        task_name: str = "train",
+        data: FLModel | None = None,
+        targets: list[str] | None = None,
+        min_responses: int | None = None,
+        timeout: int = 0,
+        callback: Any = None,
+    ) -> None:
+        """FedAvg's per-round broadcast, with this job's ``min_sites`` / ``round_timeout``."""
+        names = [getattr(t, "name", t) for t in (targets or [c.name for c in self.engine.get_clients()])]
+        self._round_targets = sorted(str(n) for n in names)
+        if min_responses is None and self.min_sites:
+            min_responses = min(self.min_sites, len(names))
+        wait = self.round_timeout if min_responses and min_responses < len(names) else 0
+        self.info(
+            f"round {self.current_round}: task to {self._round_targets}, closes when all have replied"
+            + (
+                f" or {wait} s after {min_responses} have"
+                if min_responses and min_responses < len(names)
+                else ""
+            )
+        )
+        self.broadcast_model(
+            task_name=task_name,
+            data=data,
+            targets=targets,
+            min_responses=min_responses,
+            timeout=timeout,
+            wait_time_after_min_received=wait,
+            blocking=False,
+            callback=callback,
+        )
+
+    def _expected_sites(self) -> set[str]:
+        """The sites expected in this round: targeted now, or aggregated in an earlier round of the run."""
+        known = set(self._round_targets)
+        for h in self._history:
+            known.update(h.get("contributing_sites", h.get("sites", {})))
+        return known
+
     def update_model(self, model: FLModel, aggr_result: FLModel) -> FLModel:
         model = super().update_model(model, aggr_result)
         ameta = aggr_result.meta or {}
+        sites = copy.deepcopy(ameta.get("site_metrics", {}))
+        missing = sorted(self._expected_sites() - set(sites))
         record = {
             "round": int(self.current_round),
             "metrics": dict(aggr_result.metrics or {}),
-            "sites": copy.deepcopy(ameta.get("site_metrics", {})),
+            "sites": sites,
+            "contributing_sites": sorted(sites),
+            "targeted_sites": list(self._round_targets),
+            "missing_sites": missing,  # expected but not aggregated: dropped out, late, refused or failed
             "aggregation": ameta.get("aggregation", {}),
             "job_started_at_round": int(self.start_round),  # > 0: this round ran in a resumed job
         }
         self._history.append(record)
+        if missing:
+            self.warning(f"round {self.current_round}: no update from {missing}; aggregated {sorted(sites)}")
         self.info(f"round {self.current_round} global metrics: {record['metrics']}")
         model.meta = {**self._static_meta, "last_round": int(self.current_round), "history": self._history}
         return model
