@@ -59,6 +59,7 @@ def test_provisioned_kits_use_mtls_and_a_per_provisioning_ca(tmp_path):
         assert {c.name for c in checks} == {p["name"] for p in security._load_project(proj)["participants"]}
         assert all(not c.problems for c in checks), [(c.name, c.problems) for c in checks]
         assert all(c.connection_security == "mtls" for c in checks)
+        assert all(c.log_streaming is False for c in checks if c.kind == "client")
         server = next(c for c in checks if c.kind == "server")
         assert "localhost" in server.server_hosts
     # two provisionings, two root CAs: a certificate of one is not issued by the other's CA
@@ -197,7 +198,7 @@ def test_only_authorised_roles_submit_and_abort_jobs(deployment):
 
     from fl_app.fl.jobs import JobSpec, build_recipe
 
-    root, p1 = deployment["root"], deployment["p1"]
+    root, p1, procs = deployment["root"], deployment["p1"], deployment["procs"]
     spec = JobSpec(kind="vqvae", profile=deployment["profile"], num_clients=1, num_rounds=50,
                    checkpoint_dir=str(root / "checkpoints"), max_steps=1, name="synthbrain-vqvae")  # fmt: skip
     build_recipe(spec).export(str(root / "jobs"))
@@ -222,6 +223,13 @@ def test_only_authorised_roles_submit_and_abort_jobs(deployment):
             with pytest.raises(AuthorizationError, match=rf"{ROLES[role]}.*not authorized for 'abort_job'"):
                 sessions[role].abort_job(job_id)
         assert lead.get_job_meta(job_id)["status"] == "RUNNING"
+        # the job reached the site, which keeps its job log to itself (no JobLogStreamer in its job)
+        site_cfg = p1 / "hospital-a" / job_id / "app_hospital-a" / "config" / "config_fed_client.json"
+        deadline = time.time() + 30
+        while not site_cfg.exists() and time.time() < deadline:
+            time.sleep(1)
+        assert "JobLogStreamer" not in site_cfg.read_text()
+        assert f"Injected JobLogStreamer into job {job_id}" not in procs.log_text("hospital-a")
         lead.abort_job(job_id)
         assert _job_status(lead, job_id, "FINISHED", 60) == "FINISHED:ABORTED"
 

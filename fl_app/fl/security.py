@@ -5,7 +5,8 @@
 * :func:`check_kits` reads every kit back and verifies what a deployment relies on: the connection
   security of the server, sites and admins is ``mtls``; each participant's certificate is issued by the
   project's root CA (the one in its own kit) and names the participant (CN) and its org (O); the server's
-  certificate is valid for the host the sites connect to; the authorisation policy is present.
+  certificate is valid for the host the sites connect to; the authorisation policy is present; sites do
+  not stream their job logs to the server (``allow_log_streaming: false``: logs stay at the site).
 * :func:`localize_project` writes a copy of a project file whose server listens on loopback at given
   ports (for tests and for trying a deployment on one machine).
 * :func:`set_server_storage` moves the server's job store and snapshots out of NVFlare's default
@@ -163,6 +164,7 @@ class KitCheck:
     signed_by_root: bool
     server_hosts: list[str] = field(default_factory=list)
     has_authorization_policy: bool = False
+    log_streaming: bool | None = None
     problems: list[str] = field(default_factory=list)
 
 
@@ -249,6 +251,13 @@ def check_kits(project: str | Path, prod: str | Path) -> list[KitCheck]:
             )
             if not chk.has_authorization_policy:
                 chk.problems.append("no local/authorization.json[.default]")
+        if kind == "client":
+            res = json.loads((kdir / "local" / "resources.json.default").read_text())
+            chk.log_streaming = bool(res.get("allow_log_streaming", True))
+            if chk.log_streaming:
+                chk.problems.append(
+                    "allow_log_streaming is on: the site's job logs would be sent to the server"
+                )
         checks.append(chk)
     return checks
 
