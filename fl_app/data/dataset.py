@@ -14,6 +14,13 @@ Volumes are preprocessed once through :class:`~fl_app.data.preprocess.Preprocess
 subject whose file cannot be read (even one that became unreadable after ``site check``) is
 skipped when the dataset is prepared; only the *count* of skipped subjects is exposed
 (``dataset.n_skipped``), never their content.
+
+A file can also become unreadable *after* the dataset was prepared (mid-job, between rounds).
+The cache does not hide that: its key holds each file's size and modification time, so a truncated
+or replaced file misses the cache and is read again. :meth:`SiteDataset.recheck` (called by the
+federated clients before every round) re-verifies every subject that way and excludes those that
+no longer read (``dataset.n_unreadable``); with ``skip_unreadable`` set, an item that fails while a
+round is running is returned as ``None`` (the training collates drop it) instead of raising.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data._utils.collate import default_collate
 
 from fl_app.config import Profile
 from fl_app.data.cohort import Subject
@@ -59,6 +67,9 @@ class SiteDataset(Dataset):
         self.use_labels = use_labels
         self.subjects: list[Subject] = []
         self.n_skipped = 0
+        self.skip_unreadable = False
+        self._unreadable: set[int] = set()
+        self._keys: list[str] = []
         for s in subjects:
             if s.image is None or not s.ok:
                 self.n_skipped += 1
@@ -71,13 +82,57 @@ class SiteDataset(Dataset):
                 log.warning("skipping one subject whose data could not be preprocessed (%s)", code)
                 continue
             self.subjects.append(s)
+            self._keys.append(self._key(s))
+
+    def _key(self, s: Subject) -> str:
+        label = s.label if self.use_labels else None
+        return self.cache.key(Path(s.image), Path(label) if label is not None else None)  # type: ignore[arg-type]
+
+    def _exclude(self, i: int, exc: Exception) -> None:
+        if i not in self._unreadable:
+            self._unreadable.add(i)
+            code = exc.problem.code if isinstance(exc, NiftiError) else type(exc).__name__
+            log.warning("one subject became unreadable and is excluded from now on (%s)", code)
+
+    @property
+    def n_unreadable(self) -> int:
+        """Subjects excluded because their files stopped reading after the dataset was prepared."""
+        return len(self._unreadable)
+
+    def recheck(self) -> int:
+        """Re-verify every subject's files; exclude those that no longer read. Returns :attr:`n_unreadable`.
+
+        Cheap for unchanged files (one ``stat`` each: size and modification time against the prepared
+        cache entry); a changed file is read and preprocessed again, and excluded if that fails.
+        """
+        for i, s in enumerate(self.subjects):
+            if i in self._unreadable:
+                continue
+            try:
+                key = self._key(s)
+                if key != self._keys[i]:
+                    self.cache.get(s.image, s.label if self.use_labels else None)  # type: ignore[arg-type]
+                    self._keys[i] = key
+            except (NiftiError, OSError, ValueError) as exc:
+                self._exclude(i, exc)
+        return self.n_unreadable
 
     def __len__(self) -> int:
         return len(self.subjects)
 
-    def __getitem__(self, i: int) -> dict[str, object]:
+    def __getitem__(self, i: int) -> dict[str, object] | None:
         s = self.subjects[i]
-        pre = self.cache.get(s.image, s.label if self.use_labels else None)  # type: ignore[arg-type]
+        if i in self._unreadable:
+            if self.skip_unreadable:
+                return None
+            raise OSError("this subject was excluded: its files no longer read")
+        try:
+            pre = self.cache.get(s.image, s.label if self.use_labels else None)  # type: ignore[arg-type]
+        except (NiftiError, OSError, ValueError) as exc:
+            self._exclude(i, exc)
+            if self.skip_unreadable:
+                return None
+            raise
         image = torch.from_numpy(np.ascontiguousarray(pre.image, dtype=np.float32))[None]
         if pre.label is not None:
             label = torch.from_numpy(pre.label.astype(np.int64))
@@ -109,6 +164,14 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     return sorted(perm[n_val:]), sorted(perm[:n_val])
 
 
+def collate_readable(items: list[dict[str, object] | None]) -> dict[str, object]:
+    """``default_collate`` of the items that are not ``None`` (subjects that stopped reading mid-job are
+    returned as ``None`` by a dataset with ``skip_unreadable``); ``{}`` when none is left (the training and
+    evaluation loops skip a batch without ``"image"``)."""
+    kept = [it for it in items if it is not None]
+    return default_collate(kept) if kept else {}
+
+
 def make_loaders(
     dataset: Dataset,
     batch_size: int,
@@ -120,7 +183,18 @@ def make_loaders(
     train_idx, val_idx = split_indices(len(dataset), val_fraction, seed)  # type: ignore[arg-type]
     g = torch.Generator().manual_seed(seed)
     train = DataLoader(
-        Subset(dataset, train_idx), batch_size=batch_size, shuffle=True, generator=g, num_workers=num_workers
+        Subset(dataset, train_idx),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=g,
+        num_workers=num_workers,
+        collate_fn=collate_readable,
     )
-    val = DataLoader(Subset(dataset, val_idx), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    val = DataLoader(
+        Subset(dataset, val_idx),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_readable,
+    )
     return train, val

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "add_common_client_args",
     "apply_compute",
+    "data_health_metrics",
     "open_site_dataset",
     "planned_steps",
     "refusal_model",
@@ -101,12 +102,26 @@ def open_site_dataset(cfg: FLSiteConfig, profile: Profile):
 
     cohort = read_cohort(cfg.site)
     ds = SiteDataset(cohort.valid(), profile, cache_dir=cfg.site.cache_dir)
+    ds.skip_unreadable = True  # a file that stops reading mid-job is excluded, not fatal to the round
     if len(ds) < cfg.site.min_subjects:
         raise RuntimeError(
             f"site {cfg.name}: {len(ds)} usable subjects, fewer than its min_subjects ({cfg.site.min_subjects})"
         )
     log.info("site %s: %d subjects usable (%d skipped)", cfg.name, len(ds), ds.n_skipped)
     return ds
+
+
+def data_health_metrics(dataset: Any) -> dict[str, float]:
+    """Re-verify the site's files (:meth:`~fl_app.data.dataset.SiteDataset.recheck`) and return the counts
+    a client reports each round: ``skipped_subjects`` (unreadable when the job started) and
+    ``unreadable_subjects`` (stopped reading since; excluded from training from then on). Counts only:
+    never which subject or what is wrong with its file."""
+    recheck = getattr(dataset, "recheck", None)
+    unreadable = recheck() if callable(recheck) else 0
+    return {
+        "skipped_subjects": float(getattr(dataset, "n_skipped", 0)),
+        "unreadable_subjects": float(unreadable),
+    }
 
 
 def to_state_dict(params: Mapping[str, Any], prefix: str = "", exclude_prefix: str | None = None) -> dict:

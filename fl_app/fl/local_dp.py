@@ -49,7 +49,7 @@ DATA_INDEPENDENT_METRICS = frozenset({"vqvae_checksum"})
 
 ACCOUNTING_METRICS = frozenset(
     {"epsilon", "job_epsilon", "dp_noise_multiplier", "dp_sample_rate", "dp_steps", "dp_max_grad_norm",
-     "dp_delta", "num_subjects", "num_val_subjects"}
+     "dp_delta", "num_subjects", "num_val_subjects", "skipped_subjects", "unreadable_subjects"}
 )  # fmt: skip
 """Released with ``privacy.release: [accounting]``: they reveal the site's subject count (q = B / n)."""
 

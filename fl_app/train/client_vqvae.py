@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             log.info("site %s round %d: %s", site_name, rnd, dp.describe())
             n_weight = 1  # the sampled count is data-dependent; DP-FedAvg weighs sites uniformly
         log.info("site %s round %d: %s", site_name, rnd, metrics)
+        from fl_app.fl.client import data_health_metrics
+
+        metrics.update(data_health_metrics(dataset))  # counts of unreadable files, never which ones
         metrics = released_metrics(metrics, cfg, dp is not None)
         for k, v in metrics.items():
             if math.isfinite(v):

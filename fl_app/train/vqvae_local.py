@@ -76,9 +76,12 @@ def vqvae_collate(items: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
     """Collate dataset items keeping only the tensors the VQ-VAE needs (image, label, has_label).
 
     Safe for Opacus' Poisson-sampling loader, which re-creates empty batches from the first batch's
-    structure and cannot do so for non-tensor fields.
+    structure and cannot do so for non-tensor fields. ``None`` items (subjects whose files stopped
+    reading mid-job, :attr:`fl_app.data.dataset.SiteDataset.skip_unreadable`) are dropped; a batch of
+    only those is empty (``{}``), which the training loop treats like an empty Poisson batch.
     """
-    return default_collate([{k: it[k] for k in VQVAE_BATCH_KEYS if k in it} for it in items])
+    kept = [{k: it[k] for k in VQVAE_BATCH_KEYS if k in it} for it in items if it is not None]
+    return default_collate(kept) if kept else {}
 
 
 def _unpack(
