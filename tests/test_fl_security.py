@@ -76,11 +76,32 @@ def test_provisioned_kits_use_mtls_and_a_per_provisioning_ca(tmp_path):
     assert policy["lead"]["submit_job"] == "any" and policy["lead"]["manage_job"] == "n:submitter"
     assert policy["org_admin"]["submit_job"] == "none"
 
-    # the check is not vacuous: a project provisioned with plain TLS is flagged
+
+@pytest.mark.slow
+def test_fl_provision_command_checks_every_kit(tmp_path, capsys):
+    import argparse
+
+    from fl_app.fl.run import add_fl_parser
+
+    parser = argparse.ArgumentParser()
+    add_fl_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        ["fl", "provision", "--project", str(PROJECT), "--workspace", str(tmp_path / "ws")]
+    )
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    n_participants = len(security._load_project(PROJECT)["participants"])
+    assert out.count(" mtls ") == n_participants and out.count(" ok\n") == n_participants, out
+    assert (tmp_path / "ws" / "synthbrain" / "prod_00" / "hospital-a" / "startup" / "client.key").exists()
+
+    # the check is not vacuous: a project provisioned with plain TLS is flagged and the command fails
     proj_tls, _ = _localized(tmp_path, "project_tls.yml", connection_security="tls")
-    p3 = security.provision(proj_tls, tmp_path / "prov3")
-    flagged = [c for c in security.check_kits(proj_tls, p3) if c.problems]
-    assert flagged and all("not 'mtls'" in c.problems[0] for c in flagged)
+    args = parser.parse_args(
+        ["fl", "provision", "--project", str(proj_tls), "--workspace", str(tmp_path / "ws2")]
+    )
+    assert args.func(args) == 1
+    out = capsys.readouterr().out
+    assert out.count("PROBLEM: connection_security is 'tls', not 'mtls'") == n_participants, out
 
 
 @pytest.fixture(scope="module")
