@@ -21,7 +21,8 @@ One YAML per site (``site_configs/<site>.yaml``)::
     compute:
       device: auto                     # auto | cpu | cuda
       gpus: []                         # CUDA device ids the client may use (CUDA_VISIBLE_DEVICES)
-      num_threads: null                # torch intra-op threads (null = torch's default)
+      num_threads: null                # torch intra-op threads per process (null = torch's default)
+      nproc: 1                         # training processes (torchrun, one per GPU); >1 needs privacy off
     training:                          # caps on the work the consortium's job may ask of this site
       max_steps_per_round: null
       batch_size: null
@@ -99,9 +100,25 @@ class SitePrivacy(_Strict):
 
 
 class SiteCompute(_Strict):
+    """The hardware the site's client may use; only the site's YAML sets it (the job never does).
+
+    ``nproc`` > 1 makes the site's client train with that many processes under ``torchrun`` (one per GPU
+    on CUDA, each pinned to ``LOCAL_RANK`` of the visible ``gpus``; ``gloo`` processes on CPU), with
+    gradients averaged across them (see :mod:`fl_app.train.distributed`). ``num_threads`` is per process.
+    """
+
     device: Literal["auto", "cpu", "cuda"] = "auto"
     gpus: list[int] = Field(default_factory=list)
     num_threads: int | None = Field(None, gt=0)
+    nproc: int = Field(
+        1, ge=1, description="Training processes at this site (torchrun --nproc_per_node); 1 = no torchrun."
+    )
+
+    @model_validator(mode="after")
+    def _enough_gpus(self) -> SiteCompute:
+        if self.gpus and self.device != "cpu" and self.nproc > len(self.gpus):
+            raise ValueError(f"nproc {self.nproc} exceeds the {len(self.gpus)} GPU(s) listed in gpus")
+        return self
 
 
 class SiteTraining(_Strict):

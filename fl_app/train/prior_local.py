@@ -12,6 +12,11 @@ empty Poisson batch takes a noise-only optimiser step (zero clipped gradient plu
 the accountant) so that the number of released steps does not depend on the sampled data -- the
 same rule as the VQ-VAE's local training. Without DP, empty batches are skipped.
 
+Under ``torchrun`` (a site with ``compute.nproc`` > 1) it trains data-parallel like the VQ-VAE
+(:mod:`fl_app.train.distributed`): rank 0's weights broadcast first, a shard of the sequences per rank
+(:func:`make_prior_loader`), gradients averaged over ranks, losses and sequence counts summed. ``amp``
+(``train.amp: bf16``) runs the forward pass under bf16 autocast on CUDA (a no-op on CPU).
+
 :func:`evaluate_prior` gives held-out bits per code (``log2`` perplexity per code).
 
 ``synthbrain train-local prior --vqvae RUN --bids DIR [--bids DIR2 ...] --out RUN2`` encodes every
@@ -40,7 +45,9 @@ from torch.utils.data._utils.collate import default_collate
 from fl_app.config import Profile, TrainSection, profile_to_yaml
 from fl_app.data.covariates import UNKNOWN_DIAGNOSIS, UNKNOWN_SEX
 from fl_app.models.prior import ConditionalPrior, build_prior, save_prior, unwrap_prior
+from fl_app.train import distributed as D
 from fl_app.train.common import (
+    autocast,
     dp_noise_only_step,
     is_dp_optimizer,
     peak_rss_mb,
@@ -107,7 +114,10 @@ def prior_collate(items: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
 
 
 def make_prior_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """DataLoader with :func:`prior_collate`; seeded shuffling."""
+    """DataLoader with :func:`prior_collate`; seeded shuffling (a shard per rank under torchrun)."""
+    sampler = D.distributed_sampler(dataset, shuffle, seed)
+    if sampler is not None:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=prior_collate)
     g = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, collate_fn=prior_collate)
 
@@ -160,6 +170,7 @@ def train_prior_local(
     dp_delta: float = 1e-5,
     grad_clip: float | None = 1.0,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    amp: str | bool = "none",
 ) -> dict[str, Any]:
     """Train the prior on local code grids.
 
@@ -178,10 +189,11 @@ def train_prior_local(
         dp_delta: δ for the reported ε.
         grad_clip: global gradient-norm clipping outside DP (DP clips per sample itself).
         on_epoch_end: callback receiving each epoch's metrics dict.
+        amp: ``"bf16"`` for bf16 autocast of the forward pass on CUDA (``train.amp``).
 
     Returns:
         ``{"epochs": [...], "final": last epoch dict, "steps", "train_seconds", "train_sequences",
-        "empty_batches", "dp", "epsilon" (DP only)}``; an epoch dict has ``loss`` (nats/code),
+        "empty_batches", "dp", "world_size", "epsilon" (DP only)}``; an epoch dict has ``loss`` (nats/code),
         ``bits_per_code`` (train), ``seconds`` and ``val`` (if ``val_loader``).
     """
     train_cfg = cfg.train if isinstance(cfg, Profile) else cfg
@@ -193,6 +205,11 @@ def train_prior_local(
             raise ValueError("give an optimizer or a cfg with a learning rate")
         optimizer = make_prior_optimizer(model, train_cfg.lr)
     dp = is_dp_optimizer(optimizer)
+    ddp = D.is_distributed()
+    if ddp and dp:
+        raise ValueError("DP-SGD runs in one process only: a DP site must train with compute.nproc: 1")
+    if ddp:
+        D.broadcast_module_state(m)  # every rank starts from rank 0's weights
     if epochs is None:
         if max_steps is not None or max_seconds is not None:
             epochs = 10**9
@@ -208,6 +225,7 @@ def train_prior_local(
     for epoch in range(epochs):
         loss_sum, n_batches = 0.0, 0
         t0 = time.perf_counter()
+        D.next_epoch(train_loader)
         for batch in train_loader:
             unpacked = _unpack(batch, m, dev)
             if unpacked is None:
@@ -218,8 +236,10 @@ def train_prior_local(
             else:
                 seq, age, sex, dx = unpacked
                 optimizer.zero_grad(set_to_none=True)
-                loss = _loss(model, seq, age, sex, dx)
+                with autocast(dev, amp):
+                    loss = _loss(model, seq, age, sex, dx)
                 loss.backward()
+                D.average_gradients(model.parameters())
                 if not dp and grad_clip:
                     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 optimizer.step()
@@ -231,9 +251,14 @@ def train_prior_local(
                 done = True
             if max_seconds is not None and t_train + (time.perf_counter() - t0) >= max_seconds:
                 done = True
+            if ddp and max_seconds is not None:  # clocks differ: stop together or not at all
+                done = bool(D.all_reduce_sum(torch.tensor([float(done)])).item() > 0)
             if done:
                 break
         t_train += time.perf_counter() - t0
+        if ddp:  # the site's mean: over every rank's batches
+            tot = D.sum_over_ranks({"loss": loss_sum, "n": float(n_batches)})
+            loss_sum, n_batches = tot["loss"], int(tot["n"])
         mean_loss = loss_sum / n_batches if n_batches else math.nan
         rec: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -251,6 +276,10 @@ def train_prior_local(
             on_epoch_end(rec)
         if done:
             break
+    world = D.context().world_size
+    if ddp:  # the site's total sequences; the ranks' mean training time
+        tot = D.sum_over_ranks({"n_seq": float(n_seq), "t": t_train})
+        n_seq, t_train = int(tot["n_seq"]), tot["t"] / world
     result: dict[str, Any] = {
         "epochs": history,
         "final": history[-1] if history else {},
@@ -259,6 +288,7 @@ def train_prior_local(
         "train_sequences": n_seq,
         "empty_batches": n_empty,
         "dp": dp,
+        "world_size": world,
     }
     if dp_engine is not None:
         result["epsilon"] = float(dp_engine.get_epsilon(dp_delta))
@@ -504,6 +534,7 @@ def run_train_local_prior(args: argparse.Namespace) -> int:
         max_seconds=args.max_minutes * 60 if args.max_minutes else None,
         val_loader=val_loader,
         on_epoch_end=_log_epoch,
+        amp=profile.train.amp,
     )
     metrics: dict[str, Any] = {
         "profile": profile.name,

@@ -20,6 +20,13 @@ Every call starts with a linear learning-rate warm-up over ``vqvae.warmup_steps`
 optimiser's learning rate is restored on return); outside DP the batch gradient norm is clipped to
 ``vqvae.grad_clip_norm``.
 
+Under ``torchrun`` (a site with ``compute.nproc`` > 1, see :mod:`fl_app.train.distributed`) the same
+function trains data-parallel: rank 0's weights are broadcast first, each rank takes its shard of the
+subjects (:func:`make_vqvae_loader`), gradients are averaged over ranks after every backward pass, the
+EMA codebook's statistics and the code-usage counts are summed over ranks (dead codes are restarted from
+rank 0's encoder outputs and broadcast), and losses and volume counts are reduced, so every rank ends
+with the same weights and the returned metrics are the site's. The batch size is per process.
+
 ``synthbrain train-local vqvae --bids DIR [--bids DIR2 ...] --profile cpu-demo --out RUN`` trains
 centrally and writes ``RUN/vqvae.pt``, ``RUN/profile.yaml`` and ``RUN/metrics.json``.
 """
@@ -45,6 +52,7 @@ from fl_app.config import Profile, VQVAESection, load_profile, profile_to_yaml
 from fl_app.evaluate import metrics as M
 from fl_app.models.quantizer import codebook_usage, restart_dead_codes
 from fl_app.models.vqvae import SynthVQVAE, build_vqvae, make_input, save_vqvae, unwrap
+from fl_app.train import distributed as D
 from fl_app.train.common import (
     autocast,
     dp_noise_only_step,
@@ -221,6 +229,9 @@ def train_vqvae_local(
     dev = resolve_device(device)
     m: SynthVQVAE = unwrap(model)
     dp = is_dp_optimizer(optimizer)
+    ddp = D.is_distributed()
+    if ddp and dp:
+        raise ValueError("DP-SGD runs in one process only: a DP site must train with compute.nproc: 1")
     if dp and m.quantiser != "loss":
         raise ValueError(
             "DP training needs the loss-learned codebook: build the model with build_vqvae(profile, dp=True)"
@@ -246,6 +257,13 @@ def train_vqvae_local(
 
     model.to(dev)
     model.train()
+    ema_sync = getattr(m.codebook, "ddp_sync", None)
+    if ddp:
+        D.broadcast_module_state(m)  # every rank starts from rank 0's weights
+        if use_adv:
+            D.broadcast_module_state(discriminator)
+        if ema_sync is not None:
+            m.codebook.ddp_sync = True  # MONAI's EMA codebook sums its statistics over ranks
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
     def _set_lr(step: int) -> None:
@@ -267,6 +285,7 @@ def train_vqvae_local(
         counts = torch.zeros(k)
         restarted = 0
         t0 = time.perf_counter()
+        D.next_epoch(train_loader)
         for batch in train_loader:
             unpacked = _unpack(batch, dev)
             if unpacked is None:
@@ -286,6 +305,7 @@ def train_vqvae_local(
                         )
                         loss = loss + vq.adv_weight * g_adv
                 loss.backward()
+                D.average_gradients(model.parameters())
                 if not dp and vq.grad_clip_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), vq.grad_clip_norm)
                 _set_lr(steps)
@@ -301,6 +321,7 @@ def train_vqvae_local(
                         )
                         d_loss = 0.5 * (d_fake + d_real)
                     d_loss.backward()
+                    D.average_gradients(discriminator.parameters())
                     disc_optimizer.step()
                 steps += 1
                 n_batches += 1
@@ -309,6 +330,8 @@ def train_vqvae_local(
                 for key in ("image", "label", "quant"):
                     sums[key] += float(parts[key])
                 c = codebook_usage(indices.detach().cpu(), k)
+                if ddp:
+                    c = D.all_reduce_sum(c)  # the site's usage: every rank decides the same restarts
                 counts += c
                 restart_counts += c
                 # dead-code restart every `dead_code_every` steps, and at once if the first batch shows a
@@ -318,14 +341,21 @@ def train_vqvae_local(
                     with torch.no_grad():
                         z = m.encoder_output(make_input(image, label, m.joint))
                     restarted += restart_dead_codes(m.codebook, restart_counts, z, generator=gen)
+                    if ddp:
+                        D.broadcast_module_state(m.codebook)  # rank 0's restarted codes everywhere
                     restart_counts.zero_()
             if max_steps is not None and steps >= max_steps:
                 done = True
             if max_seconds is not None and t_train + (time.perf_counter() - t0) >= max_seconds:
                 done = True
+            if ddp and max_seconds is not None:  # clocks differ: stop together or not at all
+                done = bool(D.all_reduce_sum(torch.tensor([float(done)])).item() > 0)
             if done:
                 break
         t_train += time.perf_counter() - t0
+        if ddp:  # the site's means: over every rank's batches
+            sums = D.sum_over_ranks({**sums, "_batches": float(n_batches)})
+            n_batches = int(sums.pop("_batches"))
         nb = max(n_batches, 1)
         rec_epoch: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -350,6 +380,12 @@ def train_vqvae_local(
             break
     for g, lr0 in zip(optimizer.param_groups, base_lrs, strict=True):
         g["lr"] = lr0
+    if ema_sync is not None:
+        m.codebook.ddp_sync = ema_sync
+    world = D.context().world_size
+    if ddp:  # the site's total volumes; the ranks' mean training time
+        tot = D.sum_over_ranks({"n_vol": float(n_vol), "t": t_train})
+        n_vol, t_train = int(tot["n_vol"]), tot["t"] / world
     return {
         "epochs": history,
         "final": history[-1] if history else {},
@@ -359,6 +395,7 @@ def train_vqvae_local(
         "train_volumes_per_s": n_vol / t_train if t_train > 0 else math.nan,
         "empty_batches": n_empty,
         "dp": dp,
+        "world_size": world,
     }
 
 
@@ -560,6 +597,13 @@ def add_train_local_vqvae_parser(subparsers: argparse._SubParsersAction) -> argp
 
 
 def make_vqvae_loader(dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """A DataLoader with :func:`vqvae_collate` (the batch structure Opacus' DP loader can rebuild)."""
+    """A DataLoader with :func:`vqvae_collate` (the batch structure Opacus' DP loader can rebuild).
+
+    Under torchrun (an initialised process group) each rank loads its own shard of ``dataset``
+    (``DistributedSampler``; ``batch_size`` is per rank).
+    """
+    sampler = D.distributed_sampler(dataset, shuffle, seed)
+    if sampler is not None:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=vqvae_collate)
     g = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, collate_fn=vqvae_collate)
