@@ -7,6 +7,11 @@ the site either. Each round: evaluate the received prior on the site's validatio
 code), train with :func:`train_prior_local` (the same function as the centralised run), send the
 prior's weight update (``ParamsType.DIFF``, the VQ-VAE is never sent back) with the number of training
 sequences and the metrics, including ``vqvae_checksum`` (Σ|w| of the VQ-VAE it encoded with).
+
+Under ``torchrun`` (a site with ``compute.nproc`` > 1, :mod:`fl_app.train.distributed`) rank 0 receives the
+task, encodes the site's volumes and broadcasts the code grids to the other ranks; every rank trains on its
+shard of the sequences; rank 0 sends the update with the site's total sequence count. ``train.amp``
+reaches the training loop (bf16 autocast on CUDA).
 """
 
 from __future__ import annotations
@@ -16,24 +21,54 @@ import hashlib
 import logging
 import math
 import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from fl_app.fl.site import FLSiteConfig
+    from fl_app.train.distributed import DistContext
 
 log = logging.getLogger("synthbrain.client.prior")
 
 
 def main(argv: list[str] | None = None) -> int:
     import nvflare.client as flare
+
+    from fl_app.fl.client import add_common_client_args, apply_compute, resolve_site
+    from fl_app.train import distributed as D
+
+    args = add_common_client_args(argparse.ArgumentParser(description=__doc__)).parse_args(argv)
+    flare.init()  # rank from $RANK: only rank 0 opens a Client API session
+    site_name = flare.get_site_name()
+    cfg = resolve_site(site_name, args)
+    device = apply_compute(cfg)
+    dist_ctx, device = D.init_from_env(device)
+    try:
+        D.check_site_parallelism(cfg, dist_ctx.world_size)
+        return _rounds(flare, args, cfg, site_name, device, dist_ctx)
+    finally:
+        D.shutdown()
+
+
+def _rounds(
+    flare: Any,
+    args: argparse.Namespace,
+    cfg: FLSiteConfig,
+    site_name: str,
+    device: torch.device,
+    dist_ctx: DistContext,
+) -> int:
+    """The client's round loop (every rank runs it; only rank 0 talks to NVFlare)."""
     from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
     from nvflare.client.tracking import SummaryWriter
 
     from fl_app.config import profile_from_dict
     from fl_app.data.dataset import split_indices
     from fl_app.fl.client import (
-        add_common_client_args,
-        apply_compute,
         open_site_dataset,
         planned_steps,
         refusal_model,
-        resolve_site,
         state_checksum,
         state_delta,
         to_state_dict,
@@ -43,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from fl_app.models.prior import _unwrap, build_prior
     from fl_app.models.vqvae import build_vqvae
     from fl_app.privacy.aggregation import NUM_SAMPLES_KEY
+    from fl_app.train import distributed as D
     from fl_app.train.prior_local import (
         encode_codes,
         evaluate_prior,
@@ -51,38 +87,39 @@ def main(argv: list[str] | None = None) -> int:
         train_prior_local,
     )
 
-    args = add_common_client_args(argparse.ArgumentParser(description=__doc__)).parse_args(argv)
-    flare.init()
-    site_name = flare.get_site_name()
-    cfg = resolve_site(site_name, args)
-    device = apply_compute(cfg)
-    writer = SummaryWriter()
+    main_rank = dist_ctx.is_main
+    writer = SummaryWriter() if main_rank else None
 
     model = optimizer = train_loader = val_loader = None
     dp: SiteDP | None = None
     vq_sum = math.nan
     n_train = n_val = 0
     max_steps = None
-    while flare.is_running():
-        in_model = flare.receive()
-        if in_model is None:
+    while True:
+        in_model = (flare.receive() if flare.is_running() else None) if main_rank else None
+        task = None if in_model is None else {"round": in_model.current_round, "meta": in_model.meta or {}}
+        task = D.broadcast_object(task)  # the other ranks learn of the task (or the end) from rank 0
+        if task is None:
             break
-        rnd = int(in_model.current_round or 0)
-        meta = in_model.meta or {}
+        rnd = int(task["round"] or 0)
+        meta = task["meta"]
         profile = profile_from_dict(meta["profile"], source="global model")
         if model is None:
-            vq_state = to_state_dict(in_model.params, prefix=FROZEN_PREFIX)
-            if not vq_state:
-                raise RuntimeError("the prior job's global model carries no VQ-VAE (vqvae.* weights)")
-            vqvae = build_vqvae(profile, dp=bool(meta.get("dp", False)))
-            vqvae.load_state_dict(vq_state)
-            vqvae.to(device).eval()
-            vq_sum = state_checksum(vq_state)
-            vq_key = hashlib.sha256(repr(vq_sum).encode()).hexdigest()[:16]
-            dataset = open_site_dataset(cfg, profile)
-            cache = (cfg.site.cache_dir / "codes") if cfg.site.cache_dir else None
-            codes = encode_codes(vqvae, dataset, cache, vq_key)
-            del vqvae
+            codes = None
+            if main_rank:  # rank 0 holds the frozen VQ-VAE: it encodes, the other ranks get the grids
+                vq_state = to_state_dict(in_model.params, prefix=FROZEN_PREFIX)
+                if not vq_state:
+                    raise RuntimeError("the prior job's global model carries no VQ-VAE (vqvae.* weights)")
+                vqvae = build_vqvae(profile, dp=bool(meta.get("dp", False)))
+                vqvae.load_state_dict(vq_state)
+                vqvae.to(device).eval()
+                vq_sum = state_checksum(vq_state)
+                vq_key = hashlib.sha256(repr(vq_sum).encode()).hexdigest()[:16]
+                dataset = open_site_dataset(cfg, profile)
+                cache = (cfg.site.cache_dir / "codes") if cfg.site.cache_dir else None
+                codes = encode_codes(vqvae, dataset, cache, vq_key)
+                del vqvae
+            codes = D.broadcast_object(codes)
             train_idx, val_idx = split_indices(len(codes), profile.train.val_fraction, args.seed)
             n_train, n_val = len(train_idx), len(val_idx)
             bs = cfg.training.batch_size or args.batch_size or profile.train.batch_size
@@ -97,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                     model, optimizer, train_loader, steps_per_round
                 )
         net = _unwrap(model)
-        received = to_state_dict(in_model.params, exclude_prefix=FROZEN_PREFIX)
-        net.load_state_dict(received)
+        received = None
+        if main_rank:  # the other ranks get these weights when training starts (rank 0's broadcast)
+            received = to_state_dict(in_model.params, exclude_prefix=FROZEN_PREFIX)
+            net.load_state_dict(received)
         if dp is not None:
             try:
                 eps_after = dp.check_budget(rnd)
@@ -112,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 rnd,
                 eps_after,
             )
-        show = val_loader is not None and (dp is None or "metrics" in cfg.privacy.release)
+        show = main_rank and val_loader is not None and (dp is None or "metrics" in cfg.privacy.release)
         before = evaluate_prior(net, val_loader, device) if show else {}
         result = train_prior_local(
             model,
@@ -122,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             device=device,
             epochs=args.local_epochs if max_steps is None else None,
             max_steps=max_steps,
+            amp=profile.train.amp,
         )
+        if not main_rank:
+            continue
         after = evaluate_prior(net, val_loader, device) if show else {}
         final = result["final"]
         n_seq = int(result.get("train_sequences", n_train))
@@ -131,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             "train_bits_per_code": float(final.get("bits_per_code", math.nan)),
             "global_val_bits_per_code": float(before.get("bits_per_code", math.nan)),
             "local_val_bits_per_code": float(after.get("bits_per_code", math.nan)),
-            "num_samples": float(n_seq),
+            "num_samples": float(n_seq),  # all ranks: the site's total
+            "num_processes": float(result.get("world_size", 1)),
             "num_subjects": float(n_train),
             "num_val_subjects": float(n_val),
             "vqvae_checksum": vq_sum,

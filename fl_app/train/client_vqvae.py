@@ -8,6 +8,12 @@ are also streamed to the server's TensorBoard through NVFlare's tracking ``Summa
 
 Images never leave the site: only weight updates and scalar metrics are sent.
 
+A site with ``compute.nproc`` > 1 runs this script under ``torchrun`` (:mod:`fl_app.train.distributed`):
+rank 0 receives the task and the global weights and sends the update; every rank trains on its shard of
+the site's subjects (the training function starts all ranks from rank 0's weights and averages their
+gradients); the reported sample count is the site's total. The profile's ``train.amp`` reaches the
+training loop (bf16 autocast on CUDA).
+
 Arguments (set in the job; see :func:`fl_app.fl.client.add_common_client_args`): ``--site-config`` /
 ``--site-config-dir``, ``--local-epochs``, ``--max-steps``, ``--batch-size``, ``--lr``, ``--seed``.
 """
@@ -18,52 +24,82 @@ import argparse
 import logging
 import math
 import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from fl_app.fl.site import FLSiteConfig
+    from fl_app.train.distributed import DistContext
 
 log = logging.getLogger("synthbrain.client.vqvae")
 
 
 def main(argv: list[str] | None = None) -> int:
     import nvflare.client as flare
+
+    from fl_app.fl.client import add_common_client_args, apply_compute, resolve_site
+    from fl_app.train import distributed as D
+
+    args = add_common_client_args(argparse.ArgumentParser(description=__doc__)).parse_args(argv)
+    flare.init()  # rank from $RANK: only rank 0 opens a Client API session
+    site_name = flare.get_site_name()
+    cfg = resolve_site(site_name, args)
+    device = apply_compute(cfg)
+    dist_ctx, device = D.init_from_env(device)
+    try:
+        D.check_site_parallelism(cfg, dist_ctx.world_size)
+        return _rounds(flare, args, cfg, site_name, device, dist_ctx)
+    finally:
+        D.shutdown()
+
+
+def _rounds(
+    flare: Any,
+    args: argparse.Namespace,
+    cfg: FLSiteConfig,
+    site_name: str,
+    device: torch.device,
+    dist_ctx: DistContext,
+) -> int:
+    """The client's round loop (every rank runs it; only rank 0 talks to NVFlare)."""
     from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
     from nvflare.client.tracking import SummaryWriter
 
     from fl_app.config import profile_from_dict
     from fl_app.data.dataset import make_loaders
     from fl_app.fl.client import (
-        add_common_client_args,
-        apply_compute,
         open_site_dataset,
         planned_steps,
         refusal_model,
-        resolve_site,
         state_delta,
         to_state_dict,
     )
     from fl_app.fl.local_dp import PrivacyBudgetExceeded, SiteDP, released_metrics
     from fl_app.models.vqvae import build_vqvae, unwrap
     from fl_app.privacy.aggregation import NUM_SAMPLES_KEY
+    from fl_app.train import distributed as D
     from fl_app.train.vqvae_local import evaluate_vqvae, make_optimizer, make_vqvae_loader, train_vqvae_local
 
-    args = add_common_client_args(argparse.ArgumentParser(description=__doc__)).parse_args(argv)
-    flare.init()
-    site_name = flare.get_site_name()
-    cfg = resolve_site(site_name, args)
-    device = apply_compute(cfg)
-    writer = SummaryWriter()
+    main_rank = dist_ctx.is_main
+    writer = SummaryWriter() if main_rank else None
 
     model = optimizer = train_loader = val_loader = None
     dp: SiteDP | None = None
     n_train = 0
     max_steps = None
-    while flare.is_running():
-        in_model = flare.receive()
-        if in_model is None:
+    while True:
+        in_model = (flare.receive() if flare.is_running() else None) if main_rank else None
+        task = None if in_model is None else {"round": in_model.current_round, "meta": in_model.meta or {}}
+        task = D.broadcast_object(task)  # the other ranks learn of the task (or the end) from rank 0
+        if task is None:
             break
-        rnd = int(in_model.current_round or 0)
-        meta = in_model.meta or {}
+        rnd = int(task["round"] or 0)
+        meta = task["meta"]
         profile = profile_from_dict(meta["profile"], source="global model")
         if model is None:
-            dataset = open_site_dataset(cfg, profile)
+            with D.main_process_first():  # rank 0 fills the preprocessing cache, the others read it
+                dataset = open_site_dataset(cfg, profile)
             bs = cfg.training.batch_size or args.batch_size or profile.train.batch_size
             train_part, val_loader = make_loaders(dataset, bs, profile.train.val_fraction, args.seed)
             n_train = len(train_part.dataset)
@@ -82,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                     model, optimizer, train_loader, steps_per_round
                 )
         net = unwrap(model)
-        received = to_state_dict(in_model.params)
-        net.load_state_dict(received)
+        received = None
+        if main_rank:  # the other ranks get these weights when training starts (rank 0's broadcast)
+            received = to_state_dict(in_model.params)
+            net.load_state_dict(received)
         if dp is not None:
             try:
                 eps_after = dp.check_budget(rnd)
@@ -97,9 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                 rnd,
                 eps_after,
             )
-        show = (
-            dp is None or "metrics" in cfg.privacy.release
-        )  # data-dependent metrics are not computed under DP
+        # rank 0 evaluates; data-dependent metrics are not computed under DP unless the site releases them
+        show = main_rank and (dp is None or "metrics" in cfg.privacy.release)
         before = evaluate_vqvae(net, val_loader, device) if show else {}
         result = train_vqvae_local(
             model,
@@ -110,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             epochs=args.local_epochs if max_steps is None else None,
             max_steps=max_steps,
             seed=args.seed + rnd,
+            amp=profile.train.amp,
         )
+        if not main_rank:
+            continue
         after = evaluate_vqvae(net, val_loader, device) if show else {}
         final = result["final"]
         metrics = {
@@ -120,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             "local_val_psnr_db": float(after.get("psnr_db", math.nan)),
             "global_val_dice": float(before.get("dice_mean", math.nan)),
             "codebook_perplexity": float(final.get("codebook_perplexity", math.nan)),
-            "num_samples": float(result["train_volumes"]),
+            "num_samples": float(result["train_volumes"]),  # all ranks: the site's total
+            "num_processes": float(result["world_size"]),
             "num_subjects": float(n_train),
             "num_val_subjects": float(len(val_loader.dataset)),
             "train_seconds": float(result["train_seconds"]),
