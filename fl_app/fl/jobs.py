@@ -23,6 +23,7 @@ from nvflare.recipe.utils import add_experiment_tracking
 
 from fl_app.fl.server import SynthFedAvg, SynthPersistor
 from fl_app.privacy.aggregation import DEFAULT_STRATEGY, SynthAggregator
+from fl_app.train.distributed import recipe_launch_args
 
 _JOBS = Path(__file__).resolve().parents[2] / "jobs"
 """``jobs/`` of the source tree: flat client entry points (``client_vqvae.py``, ``client_prior.py``)."""
@@ -157,7 +158,9 @@ def build_recipe(
         model_persistor=persistor,
         aggregator=SynthAggregator(spec.strategy_path, spec.strategy_args or None),
         aggregator_data_kind=DataKind.WEIGHT_DIFF,
-        launch_external_process=False,
+        # in-process, or NVFlare's external launch of the synthbrain site launcher, which runs the script
+        # with each site's own compute.nproc (torchrun when > 1): see fl_app.train.distributed
+        **recipe_launch_args(spec.site_config_dir),
     )
     # fl_app is installed at every site (the consortium's package): never copy it into the job.
     recipe._job.set_app_packages(["fl_app"])
