@@ -9,7 +9,8 @@ profile grid (``SiteDataset``), trains the joint image + label VQ-VAE centrally 
 ``psnr_db``, ``ssim``, ``ms_ssim``, ``dice_mean`` (+ per tissue), ``compression_ratio`` (16-bit),
 ``compression_ratio_float32``, ``codebook_perplexity``, ``codebook_usage``, ``train_volumes_per_s``,
 ``encode_volumes_per_s``, ``decode_volumes_per_s``, ``peak_rss_mb``, the settings used and
-reference points from plain down/up-sampling (:func:`downsample_baseline`).
+reference points from plain down/up-sampling (:func:`downsample_baseline`) and from the training mean
+image, which carries no information about the subject (:func:`mean_image_baseline`).
 
 Targets for cpu-demo (2 CPU cores, ≤ 15 min training): PSNR ≥ 27 dB, MS-SSIM ≥ 0.90,
 mean tissue Dice ≥ 0.80, compression ratio < 1 %.
@@ -78,6 +79,26 @@ def downsample_baseline(images: torch.Tensor, labels: torch.Tensor, factor: int)
         out[f"baseline_down{f}_ms_ssim"] = float(M.ms_ssim(rec.clamp(0, 1), x).mean())
         out[f"baseline_down{f}_dice_mean"] = float(torch.nanmean(M.dice_per_class(lab, labels)))
     return out
+
+
+def mean_image_baseline(
+    train_images: torch.Tensor, train_labels: torch.Tensor, images: torch.Tensor, labels: torch.Tensor
+) -> dict[str, float]:
+    """What zero bits per subject give: every held-out volume "reconstructed" as the training mean image
+    (and the voxel-wise most frequent training label). A VQ-VAE's codes are worth what it adds to this.
+
+    Returns ``baseline_mean_image_psnr_db``, ``..._ms_ssim`` and ``..._dice_mean``.
+    """
+    import torch.nn.functional as F
+
+    mean = train_images.float().mean(0, keepdim=True).expand_as(images).contiguous()
+    mode = F.one_hot(train_labels.clamp(min=0), 4).sum(0).argmax(-1)
+    lab = mode.unsqueeze(0).expand_as(labels)
+    return {
+        "baseline_mean_image_psnr_db": float(M.psnr(mean, images.float()).mean()),
+        "baseline_mean_image_ms_ssim": float(M.ms_ssim(mean, images.float()).mean()),
+        "baseline_mean_image_dice_mean": float(torch.nanmean(M.dice_per_class(lab, labels))),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     dec_s = time.perf_counter() - t
 
     base = downsample_baseline(images, labels, profile.vqvae.downsample_factor)
+    base |= mean_image_baseline(
+        torch.stack([it["image"] for it in train_items]),
+        torch.stack([it["label"] for it in train_items]),
+        images,
+        labels,
+    )
 
     k = profile.vqvae.num_embeddings
     out = {

@@ -56,6 +56,13 @@ class DataSection(_Strict):
         (0.2, 6.0), description="Plausible voxel size range of input images, in mm."
     )
     anti_alias: bool = Field(True, description="Gaussian pre-filter when down-sampling.")
+    brain_mask: Literal["none", "labels"] = Field(
+        "none",
+        description="'labels': brain-extract the image with the subject's tissue label map (intracranial "
+        "voxels, dilated by brain_mask_dilate_mm); subjects without a label map are then unusable. "
+        "'none': keep the whole head.",
+    )
+    brain_mask_dilate_mm: float = Field(3.0, ge=0.0, description="Margin kept around the label mask (mm).")
 
     @field_validator("shape")
     @classmethod

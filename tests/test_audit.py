@@ -19,7 +19,7 @@ from fl_app.evaluate.audit import add_audit_parser, combine_site_audits, site_au
 from fl_app.generate.cohort import gate_release, grid_affine
 from tests.conftest import write_nifti
 
-PROFILE = load_profile("cpu-demo", {"data": {"shape": [32, 32, 32], "spacing": [6.0, 6.0, 6.0]},
+PROFILE = load_profile("cpu-demo", {"data": {"shape": [32, 32, 32], "spacing": [6.0, 6.0, 6.0], "brain_mask": "none"},
                                      "vqvae": {"channels": [8, 8], "num_res_channels": [8, 8]}})  # fmt: skip
 
 

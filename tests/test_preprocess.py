@@ -21,6 +21,13 @@ def _reorient(data: np.ndarray, aff: np.ndarray, codes: str) -> tuple[np.ndarray
 
 
 @pytest.fixture(scope="module")
+def profile(profile):
+    """The cpu-demo grid with the whole head kept: these tests are about geometry and intensities of image-only
+    variants (brain extraction, which needs a label map, has its own test below)."""
+    return profile.model_copy(update={"data": profile.data.model_copy(update={"brain_mask": "none"})})
+
+
+@pytest.fixture(scope="module")
 def reference(head, profile, tmp_path_factory):
     data, label, aff = head
     d = tmp_path_factory.mktemp("ref")
@@ -162,3 +169,26 @@ def test_cache_hits_and_invalidates(head, profile, tmp_path, monkeypatch):
     write_nifti(img, data * 0.5 + 3, aff, np.int16)  # the file changes: the cache must not serve the old one
     with pytest.raises(AssertionError, match="cache miss"):
         cache.get(img, None)
+
+
+def test_brain_mask_from_labels(head, profile, tmp_path):
+    """``data.brain_mask: labels`` zeroes everything farther than the margin from the intracranial labels,
+    keeps the brain's intensities unchanged, and names the file of a subject without a label map."""
+    from fl_app.data.nifti import NiftiError
+
+    data, label, aff = head
+    img = write_nifti(tmp_path / "b_T1w.nii.gz", data, aff, np.float32)
+    lab = write_nifti(tmp_path / "b_dseg.nii.gz", label, aff, np.uint8)
+    cfg_head = profile.data.model_copy(update={"brain_mask": "none"})
+    cfg_brain = profile.data.model_copy(update={"brain_mask": "labels", "brain_mask_dilate_mm": 3.0})
+    whole = preprocess_subject(img, lab, cfg_head)
+    brain = preprocess_subject(img, lab, cfg_brain)
+    np.testing.assert_array_equal(whole.label, brain.label)
+    ic = brain.label > 0
+    dist = ndimage.distance_transform_edt(~ic, sampling=profile.data.spacing)
+    assert np.all(brain.image[dist > 3.0] == 0)
+    np.testing.assert_array_equal(brain.image[dist <= 3.0], whole.image[dist <= 3.0])
+    assert whole.image[dist > 3.0].max() > 0.2  # there was a scalp to remove
+    with pytest.raises(NiftiError, match="label map") as err:
+        preprocess_subject(img, None, cfg_brain)
+    assert str(img) in str(err.value)

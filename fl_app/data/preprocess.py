@@ -13,6 +13,10 @@
    down-sampling; nearest neighbour for labels) - this is resampling and crop/pad in one step;
 6. robust intensity normalisation: the image's low percentile (background) maps to 0 and the
    head's high percentile to 1, clipped to [0, 1].
+7. optional brain extraction (``data.brain_mask: labels``): voxels outside the subject's own tissue
+   label map (intracranial: CSF, GM, WM), dilated by ``brain_mask_dilate_mm``, are set to 0, as in the
+   brain-extracted, template-space T1s the published UK Biobank model was trained on. A subject without
+   a label map is then an error.
 
 Returns float32 image (X, Y, Z) and uint8 labels (X, Y, Z) or None, plus the target affine.
 :class:`PreprocessCache` stores results per site, keyed by file identity and the profile's data
@@ -33,7 +37,7 @@ from scipy import ndimage
 from fl_app.config import DataSection
 from fl_app.data.nifti import NiftiError, Problem, Volume, read_volume, to_canonical
 
-PREPROCESS_VERSION = "1"
+PREPROCESS_VERSION = "2"
 MAX_LABEL = 3
 
 
@@ -189,6 +193,15 @@ def check_label_volume(label: Volume, image: Volume) -> list[Problem]:
     return problems
 
 
+def brain_mask(label: np.ndarray, spacing: tuple[float, float, float], dilate_mm: float) -> np.ndarray:
+    """Intracranial mask (label > 0) grown by ``dilate_mm`` (Euclidean, in mm): bool (X, Y, Z)."""
+    ic = np.asarray(label) > 0
+    if dilate_mm <= 0 or not ic.any():
+        return ic
+    dist = ndimage.distance_transform_edt(~ic, sampling=tuple(float(s) for s in spacing))
+    return dist <= dilate_mm
+
+
 def preprocess_volumes(image: Volume, label: Volume | None, cfg: DataSection) -> Preprocessed:
     """Preprocess already-read volumes (steps 2-6); raises NiftiError on unusable geometry."""
     for p in check_geometry(image, cfg):
@@ -196,6 +209,15 @@ def preprocess_volumes(image: Volume, label: Volume | None, cfg: DataSection) ->
     if label is not None:
         for p in check_label_volume(label, image):
             raise NiftiError(p)
+    elif cfg.brain_mask == "labels":
+        raise NiftiError(
+            Problem(
+                "label_missing",
+                "the profile brain-extracts with the tissue label map (data.brain_mask: labels), "
+                "but this subject has none",
+                str(image.path),
+            )
+        )
     canon = to_canonical(image)
     mask = head_mask(canon.data)
     dst = target_affine(canon, mask, cfg)
@@ -214,6 +236,8 @@ def preprocess_volumes(image: Volume, label: Volume | None, cfg: DataSection) ->
             np.rint(lab_canon.data).astype(np.float32), lab_canon.affine, dst, cfg.shape, order=0, cval=0.0
         )
         lab_out = np.clip(np.rint(lab_out), 0, MAX_LABEL).astype(np.uint8)
+        if cfg.brain_mask == "labels":
+            out = out * brain_mask(lab_out, cfg.spacing, cfg.brain_mask_dilate_mm)
     return Preprocessed(image=out, label=lab_out, affine=dst)
 
 

@@ -129,6 +129,14 @@ def check_subject(subject: Subject, profile: Profile) -> None:
     if image is not None:
         subject.problems.extend(check_geometry(image, profile.data))
     if subject.label is None:
+        if profile.data.brain_mask == "labels":
+            subject.problems.append(
+                Problem(
+                    "label_missing",
+                    "no tissue label map, but the profile brain-extracts with it (data.brain_mask: labels)",
+                    str(subject.image),
+                )
+            )
         return
     try:
         label = read_volume(subject.label, check_values=False)
