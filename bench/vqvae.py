@@ -34,7 +34,7 @@ from fl_app.data.cohort import read_bids
 from fl_app.data.dataset import SiteDataset
 from fl_app.data.simulate import simulate_sites
 from fl_app.evaluate import metrics as M
-from fl_app.models.vqvae import build_vqvae, decode, encode
+from fl_app.models.vqvae import build_vqvae, decode, encode, save_vqvae
 from fl_app.train.common import peak_rss_mb, resolve_device, seed_everything
 from fl_app.train.vqvae_local import (
     VQVAE_BATCH_KEYS,
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "--reuse-data", action="store_true", help="reuse the sites already simulated in --workdir (tuning)"
     )
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="profile override")
+    ap.add_argument("--save-model", type=Path, default=None, help="write the trained VQ-VAE here (.pt)")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -175,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         on_epoch_end=_progress,
     )
+    if args.save_model is not None:
+        save_vqvae(
+            model, profile, args.save_model, extra={"bench": "bench/vqvae.py", "steps": result["steps"]}
+        )
     test_loader = make_vqvae_loader(test_items, batch_size, shuffle=False)
     ev = evaluate_vqvae(model, test_loader, dev, amp=profile.train.amp)
 
