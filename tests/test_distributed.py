@@ -6,7 +6,8 @@
   VQ-VAE: with the DP-compatible (loss-learned) codebook and SGD, the two ranks end bit-identical and equal
   (float tolerance) to one process stepping on the union of their batches; with the EMA codebook, Adam
   and dead-code restarts (no exact single-process counterpart: restarts draw from rank 0's encoder
-  outputs) the ranks still end bit-identical, from deliberately different initial weights.
+  outputs) the ranks still end bit-identical, from deliberately different initial weights; a batch that
+  is empty on one rank (unreadable subjects) is skipped by both.
 * The full-1mm profile (its architecture) at a small shape (16×16×32) with ``train.amp: bf16``: the setting reaches both training loops;
   on CPU autocast is a no-op (decision: no CPU bf16), on CUDA the forward runs in bf16.
 * One NVFlare simulator run of the vqvae job with one site at ``compute.nproc: 2`` (external launch
@@ -84,6 +85,14 @@ def _worker(out: Path) -> None:
         ema = train_vqvae_local(
             model2, loader2, prof, optimizer=make_optimizer(model2, prof), max_steps=3, dead_code_restart=True
         )
+        # rank 1's first batch is an unreadable subject (None, dropped by the collate): both ranks skip it
+        torch.manual_seed(0)
+        model3 = build_vqvae(_profile("loss"))
+        holes = [v if i != 1 else None for i, v in enumerate(_volumes())]
+        skip = train_vqvae_local(
+            model3, make_vqvae_loader(holes, 1, shuffle=False), _profile(), optimizer=make_optimizer(model3, prof),
+            epochs=1, dead_code_restart=False,
+        )  # fmt: skip
         keep = ("steps", "train_volumes", "world_size")
         torch.save(
             {
@@ -91,6 +100,8 @@ def _worker(out: Path) -> None:
                 "exact_result": {k: exact[k] for k in keep} | {"loss": exact["final"]["loss"]},
                 "ema": {k: v.detach().clone() for k, v in model2.state_dict().items()},
                 "ema_result": {k: ema[k] for k in keep} | {"restarted": ema["final"]["dead_codes_restarted"]},
+                "skip": {k: v.detach().clone() for k, v in model3.state_dict().items()},
+                "skip_result": {k: skip[k] for k in (*keep, "empty_batches")},
             },
             out / f"rank{ctx.rank}.pt",
         )
@@ -187,13 +198,16 @@ def test_two_processes_match_one_process_on_the_union_of_their_batches(tmp_path)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
 
-    for key in ("exact", "ema"):  # the ranks hold bit-identical weights and buffers
+    for key in ("exact", "ema", "skip"):  # the ranks hold bit-identical weights and buffers
         assert r0[key].keys() == r1[key].keys()
         for name in r0[key]:
             assert torch.equal(r0[key][name], r1[key][name]), (key, name)
     # the site's totals: 2 steps x 2 ranks x 1 volume; 3 steps x 2 x 1
     assert r0["exact_result"] | {"loss": 0} == {"steps": 2, "train_volumes": 4, "world_size": 2, "loss": 0}
     assert r0["ema_result"]["train_volumes"] == 6 and r0["ema_result"]["world_size"] == 2
+    # an empty batch on one rank: the step is skipped on both, the other step trains (1 step, 2 volumes)
+    assert r0["skip_result"] == {"steps": 1, "train_volumes": 2, "world_size": 2, "empty_batches": 1}
+    assert r1["skip_result"] == r0["skip_result"]
 
     # one process, batch 2 = rank 0's and rank 1's volume of each step, same initial weights
     torch.manual_seed(0)

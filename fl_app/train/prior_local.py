@@ -228,6 +228,8 @@ def train_prior_local(
         D.next_epoch(train_loader)
         for batch in train_loader:
             unpacked = _unpack(batch, m, dev)
+            if ddp and D.all_reduce_sum(torch.tensor([float(unpacked is None)])).item() > 0:
+                unpacked = None  # some rank's batch is empty (unreadable files): every rank skips the step
             if unpacked is None:
                 n_empty += 1
                 if dp:
