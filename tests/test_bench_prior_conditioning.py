@@ -1,0 +1,123 @@
+"""The conditioning bench's logic (``bench/prior_conditioning.py``): paired statistics, the unigram reference,
+covariate masking / shuffling, per-subject bits against ``evaluate_prior``, and that the unconditional control
+(``cond_dropout = 1``) is exactly a prior trained without covariates. Tiny priors; no simulation, no timing."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import prior_conditioning as pc
+
+from fl_app.config import load_profile
+from fl_app.data.covariates import UNKNOWN_DIAGNOSIS, UNKNOWN_SEX
+from fl_app.models.prior import build_prior
+from fl_app.train.prior_local import CodeDataset, evaluate_prior, make_prior_loader
+
+
+@pytest.fixture(scope="module")
+def tiny_profile():
+    return load_profile(
+        "cpu-demo",
+        {
+            "data": {"shape": [16, 16, 16]},
+            "vqvae": {"num_embeddings": 8},
+            "prior": {"d_model": 16, "n_layers": 1, "n_heads": 2, "cond_dropout": 0.1},
+            "train": {"batch_size": 2, "lr": 0.01},
+        },
+    )
+
+
+def _codes(profile, n: int, seed: int = 0) -> CodeDataset:
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, *profile.code_shape)
+    return CodeDataset(
+        torch.randint(0, profile.vqvae.num_embeddings, shape, generator=g),
+        torch.linspace(50, 85, n),
+        torch.arange(n) % 2,
+        torch.arange(n) % 3,
+    )
+
+
+def test_paired_summary_matches_t_formula_and_bootstrap_brackets_mean():
+    d = np.array([-1.0, -2.0, -3.0, -4.0, 0.5])
+    s = pc.paired_summary(d, n_boot=2000, seed=1)
+    assert s["n"] == 5
+    assert s["mean"] == pytest.approx(-1.9)
+    assert s["sd"] == pytest.approx(d.std(ddof=1))
+    half = 2.7764451051977987 * d.std(ddof=1) / math.sqrt(5)  # t(0.975, 4)
+    assert s["ci95_t"] == pytest.approx([-1.9 - half, -1.9 + half])
+    lo, hi = s["ci95_bootstrap"]
+    assert d.min() <= lo < s["mean"] < hi <= d.max()
+    assert s["fraction_negative"] == pytest.approx(0.8)
+    assert pc.paired_summary(d, n_boot=2000, seed=1) == s  # seeded
+    one = pc.paired_summary([0.3])
+    assert one["mean"] == pytest.approx(0.3) and all(math.isnan(x) for x in one["ci95_t"])
+    with pytest.raises(ValueError):
+        pc.paired_summary([])
+
+
+def test_unigram_bits_add_one_smoothing():
+    train = torch.tensor([0, 0, 1, 1])
+    assert pc.unigram_bits(train, torch.tensor([0, 1]), vocab=2) == pytest.approx(1.0)
+    # counts + 1 = [3, 3, 1, 1] over 8: code 0 costs log2(8/3), code 3 costs 3 bits
+    assert pc.unigram_bits(train, torch.tensor([0]), vocab=4) == pytest.approx(math.log2(8 / 3))
+    assert pc.unigram_bits(train, torch.tensor([3]), vocab=4) == pytest.approx(3.0)
+
+
+def test_shuffle_and_mask_covariates(tiny_profile):
+    data = _codes(tiny_profile, 7)
+    sh = pc.shuffle_covariates(data, seed=3)
+    assert torch.equal(sh.codes, data.codes)
+    triples = {(float(a), int(s), int(x)) for a, s, x in zip(data.age, data.sex, data.diagnosis, strict=True)}
+    moved = {(float(a), int(s), int(x)) for a, s, x in zip(sh.age, sh.sex, sh.diagnosis, strict=True)}
+    assert moved == triples  # the same (age, sex, diagnosis) rows, permuted together
+    assert not torch.equal(sh.age, data.age)
+    m = pc.mask_covariates(data, (True, False, False))
+    assert torch.equal(m.age, data.age)
+    assert (m.sex == UNKNOWN_SEX).all() and (m.diagnosis == UNKNOWN_DIAGNOSIS).all()
+    assert torch.isnan(pc.mask_covariates(data, (False, True, True)).age).all()
+
+
+def test_per_subject_bits_agrees_with_evaluate_prior(tiny_profile):
+    torch.manual_seed(0)
+    model = build_prior(tiny_profile)
+    with torch.no_grad():  # make the covariates matter, so that masking visibly changes the likelihood
+        model.sex_emb.weight.normal_(0, 2.0)
+        model.dx_emb.weight.normal_(0, 2.0)
+    data = _codes(tiny_profile, 5)
+    loader = make_prior_loader(data, 2, shuffle=False)
+    bits = pc.per_subject_bits(model, data, batch_size=2)
+    assert bits.shape == (5,)
+    assert bits.mean() == pytest.approx(evaluate_prior(model, loader)["bits_per_code"], rel=1e-6)
+    dropped = pc.per_subject_bits(model, data, (False, False, False), batch_size=3)
+    ev_drop = evaluate_prior(model, loader, drop_conditions=True)["bits_per_code"]
+    assert dropped.mean() == pytest.approx(ev_drop, rel=1e-6)
+    assert not np.allclose(bits, dropped)
+    one = pc.per_subject_bits(model, data.subset([3]))  # row order is data's order
+    assert one[0] == pytest.approx(bits[3], rel=1e-6)
+    assert model.training  # restored
+
+
+def test_unconditional_control_equals_training_without_covariates(tiny_profile):
+    """cond_dropout = 1 trains exactly the model that never sees a covariate (same init, batches, steps)."""
+    data = _codes(tiny_profile, 6)
+    unknown = pc.mask_covariates(data, (False, False, False))
+    torch.manual_seed(0)
+    init = build_prior(tiny_profile).state_dict()
+    dev = torch.device("cpu")
+    a, info_a = pc.train_variant(tiny_profile, 1.0, init, data, 4, 0, 2, 0.01, dev)
+    b, _ = pc.train_variant(tiny_profile, 1.0, init, unknown, 4, 0, 2, 0.01, dev)
+    c, _ = pc.train_variant(tiny_profile, 0.1, init, data, 4, 0, 2, 0.01, dev)
+    assert info_a["steps"] == 4
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)  # the conditional variant does learn differently
+    assert not any(torch.equal(sa[k], init[k]) for k in ("head.weight", "tok_emb.weight"))
