@@ -50,14 +50,18 @@ METRICS = ("seconds_per_round", "peak_pss_mb", "peak_rss_mb", "bytes_per_round")
 
 
 # ---------------------------------------------------------------------------------------------- pure parts
-def round_times(records: list[dict[str, Any]]) -> list[float]:
-    """Seconds of each round from the sites' transfer records (see the module docstring)."""
+def round_times(records: list[dict[str, Any]], start: str = "down", end: str = "up") -> list[float]:
+    """Seconds of each round from transfer records (see the module docstring).
+
+    ``start``/``end``: the directions that open and close a round: the sites' ``down``/``up`` (default) or
+    the server's ``send``/``recv``.
+    """
     downs: dict[int, list[float]] = {}
     ups: dict[int, list[float]] = {}
     for r in records:
-        if r.get("round") is None or r["direction"] not in ("down", "up"):
+        if r.get("round") is None or r["direction"] not in (start, end):
             continue
-        (downs if r["direction"] == "down" else ups).setdefault(int(r["round"]), []).append(float(r["t"]))
+        (downs if r["direction"] == start else ups).setdefault(int(r["round"]), []).append(float(r["t"]))
     rounds = sorted(downs)
     out = []
     for i, rnd in enumerate(rounds):
@@ -212,6 +216,9 @@ def run_one(work: Path, n_sites: int, rounds: int, steps: int, out: Path) -> Non
     recs = transfer_meter.read_records(meter)
     ck = read_checkpoint(run_dir / "fl" / "vqvae")
     sites_seen = {s for h in ck["history"] for s in h["sites"]}
+    job_dir = run_dir / "nvflare" / "sim" / "synthbrain-vqvae"
+    logged = transfer_meter.download_log_stats([job_dir / "server" / "log.txt"])
+    wire = sum(d["bytes"] for v in logged.values() for d in v)
     times = round_times(recs)
     b = bytes_per_round(recs)
     out.write_text(
@@ -226,6 +233,7 @@ def run_one(work: Path, n_sites: int, rounds: int, steps: int, out: Path) -> Non
                 "bytes_down_per_round": b["down"],
                 "bytes_up_per_round": b["up"],
                 "bytes_per_round_per_site": b["total"] / n_sites,
+                "wire_bytes_per_round": wire / rounds,  # NVFlare's logged downloads, both ways
                 "max_site_train_seconds_per_round": [
                     max(m.get("train_seconds", 0.0) for m in h["sites"].values()) for h in ck["history"]
                 ],

@@ -15,6 +15,7 @@ it into the job's ``custom/`` folder, so ``bench/`` need not be installed.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 
-__all__ = ["TransferMeter", "payload_bytes", "read_records"]
+__all__ = ["TransferMeter", "download_log_stats", "payload_bytes", "read_records"]
 
 
 def payload_bytes(data: dict[str, Any] | None) -> tuple[int, int]:
@@ -88,3 +89,30 @@ def read_records(out_dir: str | Path) -> list[dict[str, Any]]:
     for p in sorted(Path(out_dir).glob("*.jsonl")):
         recs.extend(json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
     return recs
+
+
+_CLIENT_DONE = re.compile(r"\[client\] download ref=\S+ done: elapsed=([\d.]+)s size=.*?\(([\d,]+) bytes\)")
+_SERVER_DONE = re.compile(
+    r"\[server\] download tx \S+ done: status=finished elapsed=([\d.]+)s .*?\(([\d,]+) bytes\)"
+)
+
+
+def download_log_stats(server_logs: list[Path]) -> dict[str, list[dict[str, float]]]:
+    """What NVFlare itself logged for each streamed transfer to or from the server: seconds and wire bytes.
+
+    NVFlare 2.9 sends arrays out of band: the task or result message carries references (tens of KB) and the
+    receiver pulls the arrays from the sender's download service in chunks (``np_download_chunk_size``,
+    2 MiB by default). The server's job log records each transfer once, whichever process at the site took
+    part (the client job, or the trainer process that the client job passes the references through to):
+    ``[server] download tx ... done: status=finished elapsed=...s ... (N bytes)`` when a site finished pulling
+    a task (server → site), ``[client] download ref=... done: elapsed=...s ... (N bytes)`` when the server
+    finished pulling a site's result (site → server). Returns ``{"server_to_site": [...], "site_to_server":
+    [...]}``, each entry ``{"seconds", "bytes"}``.
+    """
+    out: dict[str, list[dict[str, float]]] = {"server_to_site": [], "site_to_server": []}
+    for log in server_logs:
+        text = Path(log).read_text(encoding="utf-8", errors="replace")
+        for key, pat in (("server_to_site", _SERVER_DONE), ("site_to_server", _CLIENT_DONE)):
+            for m in pat.finditer(text):
+                out[key].append({"seconds": float(m.group(1)), "bytes": float(m.group(2).replace(",", ""))})
+    return out
