@@ -21,6 +21,10 @@ Measured (``transfer_meter.TransferMeter`` filters at the sites and at the serve
   ``transfer_meter.download_log_stats``);
 * peak RSS / PSS of the whole process tree (server and both client processes).
 
+In the POC the site filters are off by default (``--site-meters``): there the trainer runs in its own process
+and a client filter would make the client job download the whole model to filter it (an extra hop), so the
+rounds and bytes come from the server's filters and the transfer seconds from NVFlare's log only.
+
 ``--client-config`` / ``--server-config`` add top-level job settings (``config_fed_client.json`` /
 ``config_fed_server.json``, e.g. ``'{"np_download_chunk_size": 8388608}'``) to compare NVFlare's streaming
 settings; by default the job runs with NVFlare 2.9's defaults, as ``synthbrain fl run`` does.
