@@ -30,15 +30,25 @@ def test_items_and_loaders(tmp_path, head, profile):
 
 
 def test_without_labels_and_unknown_covariates(tmp_path, head, profile):
+    """Image-only mode (no brain extraction): an unlabelled subject is usable, its label is all -1."""
+    image_only = profile.model_copy(update={"data": profile.data.model_copy(update={"brain_mask": "none"})})
     rows = default_rows(2)
     site = write_bids_site(tmp_path / "s", head, rows, with_labels=False)
     cohort = read_bids(site)
     cohort.subjects[0].age = None
     cohort.subjects[0].sex = None
-    ds = SiteDataset(cohort.subjects, profile, cache_dir=tmp_path / "cache")
+    ds = SiteDataset(cohort.subjects, image_only, cache_dir=tmp_path / "cache")
     item = ds[0]
     assert not bool(item["has_label"]) and (item["label"] == -1).all()
     assert math.isnan(item["age"].item()) and item["sex"].item() == len(SEXES)
+
+
+def test_without_labels_under_brain_extraction_is_skipped(tmp_path, head, profile):
+    """The cpu-demo profile brain-extracts with the label map: a subject without one is skipped and counted."""
+    assert profile.data.brain_mask == "labels"
+    site = write_bids_site(tmp_path / "s", head, default_rows(2), with_labels=False)
+    ds = SiteDataset(read_bids(site).subjects, profile, cache_dir=tmp_path / "cache")
+    assert len(ds) == 0 and ds.n_skipped == 2
 
 
 def test_unreadable_after_check_is_skipped_and_counted(tmp_path, head, profile):
