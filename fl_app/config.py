@@ -125,7 +125,10 @@ class VQVAESection(_Strict):
     entropy_temperature: float = Field(0.1, gt=0.0)
     lr: float | None = Field(None, gt=0.0, description="VQ-VAE learning rate; None = train.lr.")
     warmup_steps: int = Field(
-        20, ge=0, description="Linear learning-rate warm-up at the start of every local training call."
+        20,
+        ge=0,
+        description="Linear learning-rate warm-up over an optimiser's first steps (a federated site's "
+        "first rounds; counted across rounds, not restarted every round).",
     )
     grad_clip_norm: float | None = Field(
         1.0, gt=0.0, description="Clip the batch gradient norm (non-DP; DP-SGD clips per sample)."

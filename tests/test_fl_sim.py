@@ -6,6 +6,7 @@ prior. Each NVFlare simulator run costs ~30 s on 2 cores (process start-up domin
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -22,7 +23,13 @@ pytestmark = pytest.mark.slow
 
 TINY = {
     "data": {"shape": [32, 32, 32], "spacing": [6.0, 6.0, 6.0]},
-    "vqvae": {"channels": [8, 16], "num_res_channels": [8, 16], "num_embeddings": 32, "embedding_dim": 8},
+    "vqvae": {
+        "channels": [8, 16],
+        "num_res_channels": [8, 16],
+        "num_embeddings": 32,
+        "embedding_dim": 8,
+        "warmup_steps": 4,
+    },  # jobs of a few dozen steps per site: a short warm-up
     "prior": {"d_model": 32, "n_layers": 1, "n_heads": 2},
     "train": {"batch_size": 2, "lr": 0.003},
 }
@@ -53,7 +60,7 @@ def fed(tmp_path_factory):
     prof, cfg_dir, clients = make_sites(root)
     run = root / "run"
     common = dict(profile=prof, clients=clients, site_config_dir=cfg_dir)
-    run_job("vqvae", "sim", run, num_rounds=3, max_steps=8, **common)
+    run_job("vqvae", "sim", run, num_rounds=3, max_steps=16, **common)
     run_job("prior", "sim", run, num_rounds=2, max_steps=6, **common)
     return {"root": root, "run": run, "profile": prof, "cfg_dir": cfg_dir, "clients": clients}
 
@@ -85,7 +92,8 @@ def test_vqvae_job_improves_global_reconstruction(fed):
     assert set(hist[0]["sites"]) == set(fed["clients"])
     for h in hist:  # every site reported its samples and metrics every round
         for m in h["sites"].values():
-            assert m["num_samples"] > 0 and m["train_loss"] > 0
+            # (the total loss can go negative: the anti-collapse entropy term enters it with a minus sign)
+            assert m["num_samples"] > 0 and m["train_image_loss"] > 0 and math.isfinite(m["train_loss"])
     initial = hist[0]["metrics"]["global_val_psnr_db"]  # the untrained global model, on held-out volumes
     final = _site_val_psnr(fed["run"] / "fl" / "vqvae" / "global_vqvae.pt", fed["cfg_dir"], fed["clients"])
     assert final > initial + 0.5, (initial, final)

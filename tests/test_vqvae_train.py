@@ -147,3 +147,35 @@ def test_train_local_cli_on_simulated_sites(tmp_path) -> None:
     model, p = load_vqvae(run / "vqvae.pt")
     assert p.vqvae.num_embeddings == 32 and p.data.shape == (32, 32, 32) and model.joint
     assert "num_embeddings: 32" in (run / "profile.yaml").read_text()
+
+
+def _record_lrs(opt: torch.optim.Optimizer) -> list[float]:
+    """Wrap ``opt.step`` so that each step appends the learning rate it used."""
+    lrs: list[float] = []
+    step = opt.step
+
+    def recording_step(*a, **k):
+        lrs.append(opt.param_groups[0]["lr"])
+        return step(*a, **k)
+
+    opt.step = recording_step
+    return lrs
+
+
+def test_warmup_runs_once_over_the_optimisers_life() -> None:
+    """Federated clients keep their optimiser between rounds: the warm-up spans its first steps only,
+    not the start of every call (which starved short rounds), and the base learning rate is restored."""
+    torch.manual_seed(0)
+    p = tiny_profile(quantiser="loss", warmup_steps=4)
+    model = build_vqvae(p)
+    loader = make_vqvae_loader(blobs(6), 2, shuffle=False)
+    opt = make_optimizer(model, p, lr=1e-2)
+    lrs = _record_lrs(opt)
+    for _ in range(2):  # two "rounds" of 3 steps each
+        train_vqvae_local(model, loader, p, optimizer=opt, epochs=1)
+        assert opt.param_groups[0]["lr"] == 1e-2
+    assert lrs == [2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2]
+    fresh = make_optimizer(model, p, lr=1e-2)  # a new site process warms up again
+    lrs = _record_lrs(fresh)
+    train_vqvae_local(model, loader, p, optimizer=fresh, epochs=1)
+    assert lrs == [2.5e-3, 5e-3, 7.5e-3]

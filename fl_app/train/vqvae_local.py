@@ -16,9 +16,11 @@ metrics dict. With an Opacus ``DPOptimizer`` (``PrivacyEngine.make_private``) it
 Loss (per volume, averaged over the batch so that it decomposes per sample as DP-SGD requires):
 image L1 / L2 + ``label_weight`` · cross-entropy of the label logits (over labelled volumes; 0 for a
 volume without labels) + quantisation loss (+ ``adv_weight`` · patch-adversarial generator loss).
-Every call starts with a linear learning-rate warm-up over ``vqvae.warmup_steps`` steps (the
-optimiser's learning rate is restored on return); outside DP the batch gradient norm is clipped to
-``vqvae.grad_clip_norm``.
+The learning rate warms up linearly over the first ``vqvae.warmup_steps`` steps of the *optimiser's*
+life, counted across calls (``WARMUP_KEY`` in its first param group; the learning rate is restored on
+return): a federated client keeps its optimiser between rounds, so it warms up once, in its first
+rounds, instead of at the start of every short round, which starved rounds of a few steps. Outside DP
+the batch gradient norm is clipped to ``vqvae.grad_clip_norm``.
 
 Under ``torchrun`` (a site with ``compute.nproc`` > 1, see :mod:`fl_app.train.distributed`) the same
 function trains data-parallel: rank 0's weights are broadcast first, each rank takes its shard of the
@@ -78,6 +80,7 @@ __all__ = [
 ]
 
 VQVAE_BATCH_KEYS = ("image", "label", "has_label")
+WARMUP_KEY = "synthbrain_steps_taken"  # steps an optimiser has taken in train_vqvae_local (its warm-up clock)
 
 
 def vqvae_collate(items: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -265,11 +268,13 @@ def train_vqvae_local(
         if ema_sync is not None:
             m.codebook.ddp_sync = True  # MONAI's EMA codebook sums its statistics over ranks
     base_lrs = [g["lr"] for g in optimizer.param_groups]
+    steps_before = int(optimizer.param_groups[0].get(WARMUP_KEY, 0))
 
     def _set_lr(step: int) -> None:
-        # linear warm-up: Adam's fresh moment estimates make the first full-size steps unstable
+        # linear warm-up over the optimiser's first steps: Adam's fresh moment estimates make the first
+        # full-size steps unstable; later calls with the same optimiser (federated rounds) skip it
         if vq.warmup_steps > 0:
-            frac = min(1.0, (step + 1) / vq.warmup_steps)
+            frac = min(1.0, (steps_before + step + 1) / vq.warmup_steps)
             for g, lr0 in zip(optimizer.param_groups, base_lrs, strict=True):
                 g["lr"] = lr0 * frac
 
@@ -382,6 +387,7 @@ def train_vqvae_local(
             break
     for g, lr0 in zip(optimizer.param_groups, base_lrs, strict=True):
         g["lr"] = lr0
+    optimizer.param_groups[0][WARMUP_KEY] = steps_before + steps
     if ema_sync is not None:
         m.codebook.ddp_sync = ema_sync
     world = D.context().world_size
