@@ -61,6 +61,7 @@ class SynthFedAvgRecipe(PTFedAvgRecipe):
             task_name="train",
             min_sites=self.min_clients if self.min_clients < num_clients else 0,
             round_timeout=self._round_timeout,
+            memory_gc_rounds=self.server_memory_gc_rounds,  # NVFlare's own recipe option, kept
         )
 
 
@@ -76,6 +77,8 @@ class JobSpec:
         min_sites: sites needed to start the job and replies needed to close a round (None: all
             ``num_clients``); fewer alive sites than this and NVFlare aborts the job (resubmit to resume).
         round_timeout: seconds a round waits for the remaining sites once ``min_sites`` have replied.
+        memory_gc_rounds: memory clean-up (``gc.collect`` + ``malloc_trim``) every N rounds on the server
+            and on every client (0: never); for large models over many rounds.
         checkpoint_dir: server-side checkpoint folder (absolute, or relative to the server workspace).
         frozen_vqvae: prior job: server-side path of the first job's ``global_vqvae.pt``.
         site_config_dir: folder of ``<site>.yaml`` visible to the clients (simulator / POC); None =
@@ -96,6 +99,7 @@ class JobSpec:
     checkpoint_dir: str
     min_sites: int | None = None
     round_timeout: int = 60
+    memory_gc_rounds: int = 0
     frozen_vqvae: str = ""
     site_config_dir: str | None = None
     local_epochs: int = 1
@@ -152,6 +156,8 @@ def build_recipe(
         min_clients=min(spec.min_sites or spec.num_clients, spec.num_clients),
         num_clients=spec.num_clients,
         round_timeout=spec.round_timeout,
+        server_memory_gc_rounds=spec.memory_gc_rounds,
+        client_memory_gc_rounds=spec.memory_gc_rounds,
         num_rounds=spec.num_rounds,
         train_script=str(CLIENT_SCRIPTS[spec.kind]),
         train_args=spec.train_args(),

@@ -49,6 +49,7 @@ def run_job(
     num_rounds: int,
     min_sites: int | None = None,
     round_timeout: int = 60,
+    memory_gc_rounds: int = 0,
     site_config_dir: str | Path | None = None,
     local_epochs: int = 1,
     max_steps: int | None = None,
@@ -100,6 +101,7 @@ def run_job(
         num_rounds=num_rounds,
         min_sites=min_sites,
         round_timeout=round_timeout,
+        memory_gc_rounds=memory_gc_rounds,
         checkpoint_dir=checkpoint_dir,
         frozen_vqvae=frozen_vqvae or "",
         site_config_dir=str(Path(site_config_dir).resolve()) if (site_config_dir and env == "sim") else None,
@@ -204,6 +206,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         num_rounds=args.rounds,
         min_sites=args.min_sites,
         round_timeout=args.round_timeout,
+        memory_gc_rounds=args.memory_gc_rounds,
         site_config_dir=args.site_config_dir,
         local_epochs=args.local_epochs,
         max_steps=args.max_steps,
@@ -246,6 +249,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         num_rounds=args.rounds,
         min_sites=args.min_sites,
         round_timeout=args.round_timeout,
+        memory_gc_rounds=args.memory_gc_rounds,
         checkpoint_dir=args.checkpoint_dir or f"synthbrain/{args.run}/{args.job}",
         frozen_vqvae=args.vqvae
         or (f"synthbrain/{args.run}/vqvae/global_vqvae.pt" if args.job == "prior" else ""),
@@ -333,6 +337,12 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=60,
         help="seconds a round waits for the remaining sites once --min-sites have replied (default 60)",
+    )
+    p.add_argument(
+        "--memory-gc-rounds",
+        type=int,
+        default=0,
+        help="memory clean-up (gc + malloc_trim) every N rounds on the server and the sites (0: never)",
     )
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=None, help="cap on local steps per round")

@@ -260,6 +260,8 @@ class SynthFedAvg(FedAvg):
         min_sites: replies needed before a round may close (0: every targeted site).
         round_timeout: seconds to wait for the remaining sites once ``min_sites`` have replied (0: do not
             wait; only used when ``min_sites`` is smaller than the number of sites).
+        memory_gc_rounds: NVFlare's memory clean-up (``gc.collect`` + ``malloc_trim``) every N rounds on
+            the server (0: never); worth it for large models held over many rounds.
     """
 
     def __init__(
@@ -271,6 +273,7 @@ class SynthFedAvg(FedAvg):
         task_name: str = "train",
         min_sites: int = 0,
         round_timeout: int = 0,
+        memory_gc_rounds: int = 0,
     ) -> None:
         super().__init__(
             num_clients=num_clients,
@@ -278,6 +281,7 @@ class SynthFedAvg(FedAvg):
             persistor_id=persistor_id,
             aggregator=aggregator,
             task_name=task_name,
+            memory_gc_rounds=memory_gc_rounds,
         )
         if min_sites < 0 or round_timeout < 0:
             raise ValueError("min_sites and round_timeout must be >= 0")
