@@ -17,7 +17,7 @@ from fl_app.data.dataset import SiteDataset
 from fl_app.data.nifti import save_nifti
 from fl_app.evaluate.audit import add_audit_parser, combine_site_audits, site_audit, site_audit_arrays
 from fl_app.generate.cohort import gate_release, grid_affine
-from tests.conftest import write_nifti
+from tests.conftest import default_rows, write_bids_site, write_nifti
 
 PROFILE = load_profile("cpu-demo", {"data": {"shape": [32, 32, 32], "spacing": [6.0, 6.0, 6.0], "brain_mask": "none"},
                                      "vqvae": {"channels": [8, 8], "num_res_channels": [8, 8]}})  # fmt: skip
@@ -115,3 +115,18 @@ def _profile_yaml(tmp: Path) -> Path:
     p = tmp / "profile.yaml"
     p.write_text(profile_to_yaml(PROFILE))
     return p
+
+
+def test_audit_of_a_brain_extracted_profile_uses_the_label_maps(head, tmp_path):
+    """With ``data.brain_mask: labels`` the site's volumes are brain-extracted with their label maps, as for
+    training (the audit once dropped the labels and found no usable subject)."""
+    masked = PROFILE.model_copy(update={"data": PROFILE.data.model_copy(update={"brain_mask": "labels"})})
+    site = write_bids_site(tmp_path / "site-b", head, default_rows(5))
+    train = SiteDataset(read_bids(site).valid(), masked, tmp_path / "cache")
+    copy = train[2]["image"][0].numpy()
+    assert (copy == 0).mean() > 0.3  # brain-extracted: the outside of the brain is 0
+    cohort = tmp_path / "cohort"
+    save_nifti(cohort / "sub-copy" / "anat" / "sub-copy_T1w.nii.gz", copy, grid_affine(masked))
+    (cohort / "participants.tsv").write_text("participant_id\tage\tsex\tdiagnosis\nsub-copy\t70\tF\tCN\n")
+    res = site_audit(cohort, site, masked, quantile=0.05, cache_dir=tmp_path / "cache")
+    assert res["n_training"] == 5 and res["flagged"] == ["sub-copy"]

@@ -79,7 +79,11 @@ class SiteDataset(Dataset):
             except (NiftiError, OSError, ValueError) as exc:
                 self.n_skipped += 1
                 code = exc.problem.code if isinstance(exc, NiftiError) else type(exc).__name__
-                log.warning("skipping one subject whose data could not be preprocessed (%s)", code)
+                log.warning(
+                    "skipping one subject whose data could not be preprocessed (%s); "
+                    "`synthbrain site check` names the file",
+                    code,
+                )
                 continue
             self.subjects.append(s)
             self._keys.append(self._key(s))
