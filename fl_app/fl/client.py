@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ __all__ = [
     "planned_steps",
     "refusal_model",
     "resolve_site",
+    "run_client",
     "state_delta",
     "to_state_dict",
 ]
@@ -58,6 +59,27 @@ def add_common_client_args(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--dp-epsilon", type=float, default=None, help="target ε of this job at each DP site")
     p.add_argument("--run", default="", help="consortium run name (recorded in site privacy ledgers)")
     return p
+
+
+def run_client(description: str | None, rounds: Callable[..., int], argv: list[str] | None = None) -> int:
+    """Entry point of a client script: parse the job's arguments, open the NVFlare Client API, resolve the
+    site's YAML and compute settings, join the site's torchrun group (when ``compute.nproc`` > 1), then run
+    ``rounds(flare, args, cfg, site_name, device, dist_ctx)`` (the script's round loop) and leave the group."""
+    import nvflare.client as flare
+
+    from fl_app.train import distributed as D
+
+    args = add_common_client_args(argparse.ArgumentParser(description=description)).parse_args(argv)
+    flare.init()  # rank from $RANK: only rank 0 opens a Client API session
+    site_name = flare.get_site_name()
+    cfg = resolve_site(site_name, args)
+    device = apply_compute(cfg)
+    dist_ctx, device = D.init_from_env(device)
+    try:
+        D.check_site_parallelism(cfg, dist_ctx.world_size)
+        return rounds(flare, args, cfg, site_name, device, dist_ctx)
+    finally:
+        D.shutdown()
 
 
 def planned_steps(args: argparse.Namespace, cfg: FLSiteConfig, loader_len: int) -> tuple[int | None, int]:

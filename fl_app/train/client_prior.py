@@ -33,22 +33,9 @@ log = logging.getLogger("synthbrain.client.prior")
 
 
 def main(argv: list[str] | None = None) -> int:
-    import nvflare.client as flare
+    from fl_app.fl.client import run_client
 
-    from fl_app.fl.client import add_common_client_args, apply_compute, resolve_site
-    from fl_app.train import distributed as D
-
-    args = add_common_client_args(argparse.ArgumentParser(description=__doc__)).parse_args(argv)
-    flare.init()  # rank from $RANK: only rank 0 opens a Client API session
-    site_name = flare.get_site_name()
-    cfg = resolve_site(site_name, args)
-    device = apply_compute(cfg)
-    dist_ctx, device = D.init_from_env(device)
-    try:
-        D.check_site_parallelism(cfg, dist_ctx.world_size)
-        return _rounds(flare, args, cfg, site_name, device, dist_ctx)
-    finally:
-        D.shutdown()
+    return run_client(__doc__, _rounds, argv)
 
 
 def _rounds(
