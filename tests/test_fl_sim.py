@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from fl_app.config import load_profile
+from fl_app.fl.poc import descendants
 
 pytestmark = pytest.mark.slow
 
@@ -191,7 +192,7 @@ def test_resume_after_server_stop(fed, tmp_path):
 
 def _kill_tree(proc: subprocess.Popen) -> None:
     """End the process group we started and any simulator workers it spawned (by their PIDs)."""
-    children = _descendants(proc.pid)
+    children = descendants(proc.pid)
     for pid in [proc.pid, *children]:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -203,15 +204,3 @@ def _kill_tree(proc: subprocess.Popen) -> None:
         pass
     proc.wait(timeout=30)
     time.sleep(1)
-
-
-def _descendants(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return out
-    for k in kids:
-        out.append(int(k))
-        out.extend(_descendants(int(k)))
-    return out

@@ -36,8 +36,12 @@ CLIENT_OUTCOME_WAIT_S = 30
 
 __all__ = [
     "admin_kit",
+    "alive_group",
+    "descendants",
+    "end_groups",
     "free_port",
     "is_running",
+    "launch_kit",
     "pids",
     "prepare",
     "start",
@@ -150,9 +154,19 @@ def _launch(workspace: Path, name: str, extra_env: dict[str, str] | None) -> int
     if name == "server":
         env.setdefault("NVFLARE_CLIENT_OUTCOME_WAIT_TIMEOUT", str(CLIENT_OUTCOME_WAIT_S))
     env.update(extra_env or {})
-    logs = workspace / "logs"
-    logs.mkdir(exist_ok=True)
-    with open(logs / f"{name}.log", "ab") as out:
+    pid = launch_kit(kit, env, workspace / "logs" / f"{name}.log")
+    recorded = _pids(workspace)
+    recorded[name] = pid
+    (workspace / PID_FILE).write_text(json.dumps(recorded))
+    log.info("started %s (pid %d)", name, pid)
+    return pid
+
+
+def launch_kit(kit: Path, env: dict[str, str], log_path: Path) -> int:
+    """Start a participant from its startup kit (``startup/sub_start.sh --once``, NVFlare's entry point) in
+    a process group of its own, output appended to ``log_path``; returns its PID (= the group's id)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
         proc = subprocess.Popen(
             ["bash", str(kit / "startup" / "sub_start.sh"), "--once"],
             cwd=kit,
@@ -160,12 +174,8 @@ def _launch(workspace: Path, name: str, extra_env: dict[str, str] | None) -> int
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            start_new_session=True,  # own process group: stop() ends it and its job processes
+            start_new_session=True,  # own process group: end_groups() ends it and its job processes
         )
-    recorded = _pids(workspace)
-    recorded[name] = proc.pid
-    (workspace / PID_FILE).write_text(json.dumps(recorded))
-    log.info("started %s (pid %d)", name, proc.pid)
     return proc.pid
 
 
@@ -200,7 +210,7 @@ def start_site(workspace: str | Path, name: str, env: dict[str, str] | None = No
     """
     workspace = Path(workspace).resolve()
     running = _pids(workspace)
-    if name in running and _alive_group(running[name]):
+    if name in running and alive_group(running[name]):
         raise RuntimeError(f"{name} is still running (pid {running[name]}): stop it first")
     return _launch(workspace, name, env)
 
@@ -210,7 +220,7 @@ def start_server(workspace: str | Path) -> int:
     return start_site(workspace, "server")
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """PIDs of every live descendant of ``pid`` (NVFlare starts job processes in sessions of their own,
     outside the participant's process group, so they are found through the process tree)."""
     out: list[int] = []
@@ -220,15 +230,15 @@ def _descendants(pid: int) -> list[int]:
         return out
     for k in kids:
         out.append(int(k))
-        out.extend(_descendants(int(k)))
+        out.extend(descendants(int(k)))
     return out
 
 
-def _end_groups(pids: list[int], grace: float, sig: int = signal.SIGTERM) -> list[int]:
+def end_groups(pids: list[int], grace: float, sig: int = signal.SIGTERM) -> list[int]:
     """Signal the process groups ``pids`` (and their job processes, by PID), wait, SIGKILL what is left
     after ``grace`` seconds, reap our own children; returns the groups that were alive."""
-    alive = [p for p in pids if _alive_group(p)]
-    tree = {p: _descendants(p) for p in alive}  # before the parents die and the children are re-parented
+    alive = [p for p in pids if alive_group(p)]
+    tree = {p: descendants(p) for p in alive}  # before the parents die and the children are re-parented
     for p in alive:
         for q in (p, *tree[p]):
             try:
@@ -237,7 +247,7 @@ def _end_groups(pids: list[int], grace: float, sig: int = signal.SIGTERM) -> lis
                 pass
     deadline = time.time() + grace
     for p in alive:
-        while (_alive_group(p) or any(_alive(q) for q in tree[p])) and time.time() < deadline:
+        while (alive_group(p) or any(_alive(q) for q in tree[p])) and time.time() < deadline:
             time.sleep(0.3)
         for q in (p, *tree[p]):
             try:
@@ -245,7 +255,7 @@ def _end_groups(pids: list[int], grace: float, sig: int = signal.SIGTERM) -> lis
             except (ProcessLookupError, PermissionError):
                 pass
         end = time.time() + 10
-        while _alive_group(p) and time.time() < end:
+        while alive_group(p) and time.time() < end:
             time.sleep(0.2)
     for p in alive:
         try:
@@ -271,9 +281,9 @@ def stop_site(workspace: str | Path, name: str, *, kill: bool = False, grace: fl
     recorded = _pids(workspace)
     pid = recorded.pop(name, None)
     ended = None
-    if pid is not None and _alive_group(pid):
+    if pid is not None and alive_group(pid):
         log.info("stopping %s (pid %d)%s", name, pid, " with SIGKILL" if kill else "")
-        _end_groups([pid], grace, signal.SIGKILL if kill else signal.SIGTERM)
+        end_groups([pid], grace, signal.SIGKILL if kill else signal.SIGTERM)
         ended = pid
     (workspace / PID_FILE).write_text(json.dumps(recorded))
     return ended
@@ -316,12 +326,13 @@ def stop(workspace: str | Path, grace: float = 15.0) -> list[int]:
     recorded = _pids(workspace)
     for name, pid in recorded.items():
         log.info("stopping %s (pid %d)", name, pid)
-    ended = _end_groups(list(reversed(list(recorded.values()))), grace)
+    ended = end_groups(list(reversed(list(recorded.values()))), grace)
     (workspace / PID_FILE).unlink(missing_ok=True)
     return ended
 
 
-def _alive_group(pgid: int) -> bool:
+def alive_group(pgid: int) -> bool:
+    """Whether the process group ``pgid`` still has a live process (a zombie leader of ours is reaped)."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:

@@ -27,15 +27,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from fl_app.fl.poc import alive_group, end_groups, launch_kit
 
 log = logging.getLogger(__name__)
 
@@ -285,20 +285,6 @@ def set_server_storage(server_kit: str | Path, storage_root: str | Path) -> Path
     return out
 
 
-def _alive_group(pgid: int) -> bool:
-    try:
-        os.waitpid(pgid, os.WNOHANG)  # reap our own child if it has exited
-    except ChildProcessError:
-        pass
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class KitProcesses:
     """Participants started from their startup kits, each in its own process group, stopped by PID.
 
@@ -319,24 +305,14 @@ class KitProcesses:
         """
         kit = Path(kit).resolve()
         label = label or kit.name
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         penv = dict(os.environ)
         penv["PATH"] = str(Path(sys.executable).parent) + os.pathsep + penv.get("PATH", "")
         penv.update(self.env)
         penv.update(env or {})
-        with open(self.log_dir / f"{label}.log", "ab") as out:
-            proc = subprocess.Popen(
-                ["bash", str(kit / "startup" / "sub_start.sh"), "--once"],
-                cwd=kit,
-                env=penv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self.pids[label] = proc.pid
-        log.info("started %s from %s (pid %d)", label, kit, proc.pid)
-        return proc.pid
+        pid = launch_kit(kit, penv, self.log_dir / f"{label}.log")
+        self.pids[label] = pid
+        log.info("started %s from %s (pid %d)", label, kit, pid)
+        return pid
 
     def log_text(self, label: str) -> str:
         """What the participant ``label`` has logged so far (its stdout/stderr)."""
@@ -345,27 +321,14 @@ class KitProcesses:
 
     def alive(self, label: str) -> bool:
         """Whether the process group started as ``label`` still has a live process."""
-        return label in self.pids and _alive_group(self.pids[label])
+        return label in self.pids and alive_group(self.pids[label])
 
     def stop(self, label: str, grace: float = 15.0) -> bool:
-        """End the process group started as ``label`` (SIGTERM, then SIGKILL); True if it was running."""
+        """End the process group started as ``label`` and its job processes (SIGTERM, then SIGKILL after
+        ``grace`` seconds); True if it was running."""
         pid = self.pids.get(label)
-        if pid is None or not _alive_group(pid):
+        if pid is None or not end_groups([pid], grace):
             return False
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return False
-        deadline = time.time() + grace
-        while _alive_group(pid) and time.time() < deadline:
-            time.sleep(0.3)
-        if _alive_group(pid):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            while _alive_group(pid) and time.time() < deadline + 5:
-                time.sleep(0.1)
         log.info("stopped %s (pid %d)", label, pid)
         return True
 
