@@ -191,6 +191,30 @@ def unigram_bits(train_codes: torch.Tensor, test_codes: torch.Tensor, vocab: int
     return float(-logp[test_codes.reshape(-1).long()].mean())
 
 
+def positional_reference(train_codes: torch.Tensor, test_codes: torch.Tensor, vocab: int) -> dict[str, float]:
+    """How much of a code grid its position alone predicts (codes ``(N, *grid)``, integers < ``vocab``).
+
+    ``mode_agreement``: fraction of held-out codes equal to the training set's most frequent code at their
+    grid position. ``bits_per_code``: held-out bits per code of a per-position frequency model with one
+    pseudo-count spread over the vocabulary (``1 / vocab`` per code). When these are close to the prior's
+    own figures, the code grids are nearly the same for every subject, and covariates have little left to
+    explain: a property of the VQ-VAE, not of the prior.
+    """
+    tr = train_codes.reshape(train_codes.shape[0], -1).long()
+    te = test_codes.reshape(test_codes.shape[0], -1).long()
+    if tr.shape[1] != te.shape[1]:
+        raise ValueError(f"grids differ: {tuple(train_codes.shape[1:])} vs {tuple(test_codes.shape[1:])}")
+    counts = torch.zeros(tr.shape[1], vocab, dtype=torch.float64)
+    counts.scatter_add_(1, tr.T, torch.ones(tr.T.shape, dtype=torch.float64))
+    mode = counts.argmax(1)
+    probs = (counts + 1.0 / vocab) / (tr.shape[0] + 1.0)
+    logp = torch.log2(probs.gather(1, te.T))  # (positions, test subjects)
+    return {
+        "mode_agreement": float((te == mode[None]).double().mean()),
+        "bits_per_code": float(-logp.mean()),
+    }
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -467,6 +491,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "heldout_bits_per_code": {k: float(v.mean()) for k, v in avg.items()},
         "train_bits_per_code": {k: float(np.mean(v)) for k, v in train_bits.items()},
         "unigram_heldout_bits_per_code": unigram_bits(train_codes.codes, test_codes.codes, vocab),
+        "positional_reference": positional_reference(train_codes.codes, test_codes.codes, vocab),
         "uniform_bits_per_code": math.log2(vocab),
         "paired": paired,
         "conditioning_helps": bool(helps),

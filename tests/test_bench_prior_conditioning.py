@@ -121,3 +121,16 @@ def test_unconditional_control_equals_training_without_covariates(tiny_profile):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)  # the conditional variant does learn differently
     assert not any(torch.equal(sa[k], init[k]) for k in ("head.weight", "tok_emb.weight"))
+
+
+def test_positional_reference_counts_per_position():
+    # 3 training grids of 2 positions: position 0 always code 1; position 1 codes 0, 0, 2
+    train = torch.tensor([[1, 0], [1, 0], [1, 2]])
+    test = torch.tensor([[1, 0], [3, 2]])
+    ref = pc.positional_reference(train, test, vocab=4)
+    assert ref["mode_agreement"] == pytest.approx(2 / 4)  # codes equal to the per-position mode: 1, 0
+    # probabilities (count + 1/4) / 4: pos0 code1 3.25/4, code3 0.25/4; pos1 code0 2.25/4, code2 1.25/4
+    want = -(math.log2(3.25 / 4) + math.log2(0.25 / 4) + math.log2(2.25 / 4) + math.log2(1.25 / 4)) / 4
+    assert ref["bits_per_code"] == pytest.approx(want)
+    with pytest.raises(ValueError, match="grids differ"):
+        pc.positional_reference(train, torch.tensor([[1, 0, 0]]), vocab=4)
