@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import nibabel as nib
 import pytest
@@ -35,3 +36,9 @@ def test_tiny_demo_leaves_global_model_bundle_and_cohort(tmp_path):
     assert len(rows) == 3
     assert "synthetic cohort" in (out / "report.md").read_text().lower()
     assert summary["total_s"] > 0
+    # the final global VQ-VAE (which no round table shows) evaluated on each site's held-out split
+    final = summary["final_vqvae"]
+    assert sorted(final) == sorted(card["sites"])
+    for site, m in final.items():
+        assert math.isfinite(m["psnr_db"]) and m["n_volumes"] == card["sites"][site]["val_subjects"]
+    assert "Final global VQ-VAE" in (out / "report.md").read_text()
