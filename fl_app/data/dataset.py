@@ -64,7 +64,8 @@ class SiteDataset(Dataset):
     ):
         self.profile = profile
         self.cache = PreprocessCache(cache_dir or default_cache_dir(), profile.data)
-        self.use_labels = use_labels
+        # preprocessing needs the label map when it brain-extracts with it, whatever the caller wants back
+        self.use_labels = use_labels or profile.data.brain_mask == "labels"
         self.subjects: list[Subject] = []
         self.n_skipped = 0
         self.skip_unreadable = False
@@ -75,7 +76,7 @@ class SiteDataset(Dataset):
                 self.n_skipped += 1
                 continue
             try:
-                self.cache.get(s.image, s.label if use_labels else None)
+                self.cache.get(s.image, s.label if self.use_labels else None)
             except (NiftiError, OSError, ValueError) as exc:
                 self.n_skipped += 1
                 code = exc.problem.code if isinstance(exc, NiftiError) else type(exc).__name__

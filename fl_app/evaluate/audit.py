@@ -141,10 +141,9 @@ def site_audit(
     grid = tuple(profile.data.shape)
     if imgs and tuple(imgs[0].shape) != grid:
         raise ValueError(f"cohort grid {imgs[0].shape} differs from the profile grid {grid}")
-    # label maps only where preprocessing needs them (brain extraction), so that the site's volumes are
-    # exactly the training ones; otherwise sites without label maps can still run the audit
-    masked = profile.data.brain_mask == "labels"
-    ds = SiteDataset(read_bids(bids_dir, site_cfg).valid(), profile, cache_dir, use_labels=masked)
+    # images only (sites without label maps can run it); a brain-extracting profile still reads the label
+    # maps, so the site's volumes are exactly the training ones
+    ds = SiteDataset(read_bids(bids_dir, site_cfg).valid(), profile, cache_dir, use_labels=False)
     training = [ds[i]["image"][0].numpy() for i in range(len(ds))]
     return site_audit_arrays(imgs, ids, training, site or Path(bids_dir).name, quantile)
 
