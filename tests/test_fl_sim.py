@@ -67,20 +67,11 @@ def fed(tmp_path_factory):
 
 
 def _site_val_psnr(vqvae_path: Path, cfg_dir: Path, clients: list[str]) -> float:
-    """PSNR of a VQ-VAE on the sites' own validation splits (the split the clients use)."""
-    from fl_app.data.dataset import make_loaders
-    from fl_app.fl.client import open_site_dataset
-    from fl_app.fl.site import load_fl_site_config
-    from fl_app.models.vqvae import load_vqvae
-    from fl_app.train.vqvae_local import evaluate_vqvae
+    """Mean PSNR of a VQ-VAE on the sites' own validation splits (the split the clients use)."""
+    from fl_app.demo import final_vqvae_on_sites
 
-    model, prof = load_vqvae(vqvae_path)
-    vals = []
-    for c in clients:
-        ds = open_site_dataset(load_fl_site_config(cfg_dir / f"{c}.yaml"), prof)
-        _, val = make_loaders(ds, 2, prof.train.val_fraction, 0)
-        vals.append(evaluate_vqvae(model, val)["psnr_db"])
-    return sum(vals) / len(vals)
+    per_site = final_vqvae_on_sites(vqvae_path, cfg_dir, clients)
+    return sum(m["psnr_db"] for m in per_site.values()) / len(per_site)
 
 
 def test_vqvae_job_improves_global_reconstruction(fed):
