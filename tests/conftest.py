@@ -8,8 +8,28 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from fl_app.config import load_profile
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_global_state():
+    """No test leaves torch's global state changed for the next one: thread counts, default dtype,
+    deterministic-algorithms mode and the global RNG are put back after each test."""
+    threads, interop = torch.get_num_threads(), torch.get_num_interop_threads()
+    dtype = torch.get_default_dtype()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    rng = torch.random.get_rng_state()
+    np_rng = np.random.get_state()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    assert torch.get_num_interop_threads() == interop  # can only be set once per process
+    torch.set_default_dtype(dtype)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.random.set_rng_state(rng)
+    np.random.set_state(np_rng)
 
 
 @pytest.fixture(scope="session")
