@@ -63,6 +63,7 @@ from torch import nn
 
 from fl_app.config import Profile, load_profile, profile_from_dict
 from fl_app.data.covariates import UNKNOWN_DIAGNOSIS, UNKNOWN_SEX
+from fl_app.evaluate import metrics as M
 from fl_app.models.prior import build_prior, unwrap_prior
 from fl_app.train.prior_local import (
     CodeDataset,
@@ -206,11 +207,10 @@ def positional_reference(train_codes: torch.Tensor, test_codes: torch.Tensor, vo
         raise ValueError(f"grids differ: {tuple(train_codes.shape[1:])} vs {tuple(test_codes.shape[1:])}")
     counts = torch.zeros(tr.shape[1], vocab, dtype=torch.float64)
     counts.scatter_add_(1, tr.T, torch.ones(tr.T.shape, dtype=torch.float64))
-    mode = counts.argmax(1)
     probs = (counts + 1.0 / vocab) / (tr.shape[0] + 1.0)
     logp = torch.log2(probs.gather(1, te.T))  # (positions, test subjects)
     return {
-        "mode_agreement": float((te == mode[None]).double().mean()),
+        "mode_agreement": M.code_mode_agreement(tr, te),
         "bits_per_code": float(-logp.mean()),
     }
 

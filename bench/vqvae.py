@@ -34,7 +34,8 @@ from fl_app.data.cohort import read_bids
 from fl_app.data.dataset import SiteDataset
 from fl_app.data.simulate import simulate_sites
 from fl_app.evaluate import metrics as M
-from fl_app.models.vqvae import build_vqvae, decode, encode, save_vqvae
+from fl_app.models.pretrained import pretrained_vqvae_path
+from fl_app.models.vqvae import build_vqvae, decode, encode, load_vqvae, save_vqvae
 from fl_app.train.common import peak_rss_mb, resolve_device, seed_everything
 from fl_app.train.vqvae_local import (
     VQVAE_BATCH_KEYS,
@@ -120,12 +121,25 @@ def main(argv: list[str] | None = None) -> int:
         "--reuse-data", action="store_true", help="reuse the sites already simulated in --workdir (tuning)"
     )
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="profile override")
-    ap.add_argument("--save-model", type=Path, default=None, help="write the trained VQ-VAE here (.pt)")
+    ap.add_argument(
+        "--save-model", type=Path, default=None, help="write the trained VQ-VAE here (.pt), after every epoch"
+    )
+    ap.add_argument(
+        "--checkpoint",
+        default=None,
+        help="evaluate this VQ-VAE (.pt, or 'pretrained' for the shipped one) without training; its profile "
+        "replaces --profile",
+    )
     args = ap.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    profile = load_profile(args.profile, parse_overrides(args.set))
+    checkpoint_model = None
+    if args.checkpoint is not None:
+        path = pretrained_vqvae_path() if args.checkpoint == "pretrained" else Path(args.checkpoint)
+        checkpoint_model, profile = load_vqvae(path)
+    else:
+        profile = load_profile(args.profile, parse_overrides(args.set))
     seed_everything(args.seed)
     dev = resolve_device(args.device)
     tmp = None
@@ -152,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     batch_size = args.batch_size or profile.train.batch_size
-    model = build_vqvae(profile)
+    model = checkpoint_model if checkpoint_model is not None else build_vqvae(profile)
     optimizer = make_optimizer(model, profile, args.lr)
     loader = make_vqvae_loader(train_items, batch_size, shuffle=True, seed=args.seed)
 
@@ -163,20 +177,33 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
+        if args.save_model is not None:  # a long run keeps its latest weights
+            save_vqvae(
+                model, profile, args.save_model, extra={"bench": "bench/vqvae.py", "steps": rec["steps"]}
+            )
 
-    result = train_vqvae_local(
-        model,
-        loader,
-        profile,
-        optimizer=optimizer,
-        device=dev,
-        max_seconds=args.train_minutes * 60,
-        max_steps=args.max_steps,
-        amp=profile.train.amp,
-        seed=args.seed,
-        on_epoch_end=_progress,
-    )
-    if args.save_model is not None:
+    if checkpoint_model is not None:
+        result = {
+            "train_seconds": 0.0,
+            "steps": 0,
+            "epochs": [],
+            "final": {},
+            "train_volumes_per_s": math.nan,
+        }
+    else:
+        result = train_vqvae_local(
+            model,
+            loader,
+            profile,
+            optimizer=optimizer,
+            device=dev,
+            max_seconds=args.train_minutes * 60,
+            max_steps=args.max_steps,
+            amp=profile.train.amp,
+            seed=args.seed,
+            on_epoch_end=_progress,
+        )
+    if args.save_model is not None and checkpoint_model is None:
         save_vqvae(
             model, profile, args.save_model, extra={"bench": "bench/vqvae.py", "steps": result["steps"]}
         )
@@ -201,6 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     k = profile.vqvae.num_embeddings
+    train_codes = encode(
+        model,
+        torch.stack([it["image"] for it in train_items]),
+        torch.stack([it["label"] for it in train_items]),
+        batch_size=batch_size,
+    )
+    f = profile.vqvae.downsample_factor
+    brain_cells = torch.nn.functional.avg_pool3d((labels > 0).float()[:, None], f)[:, 0] >= 0.5
     out = {
         "profile": profile.name,
         "device": str(dev),
@@ -229,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         "compression_ratio_float32": M.compression_ratio_float32(profile.code_shape, k, profile.data.shape),
         "codebook_perplexity": M.codebook_perplexity(codes, k),
         "codebook_usage": M.codebook_usage_fraction(codes, k),
+        "mode_agreement": M.code_mode_agreement(train_codes, codes),
+        "mode_agreement_brain": M.code_mode_agreement(train_codes, codes, where=brain_cells),
+        "checkpoint": args.checkpoint,
         "train_codebook_perplexity": result["final"].get("codebook_perplexity", math.nan),
         "train_loss_final": result["final"].get("loss", math.nan),
         "train_volumes_per_s": result["train_volumes_per_s"],

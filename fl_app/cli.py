@@ -4,6 +4,7 @@ synthbrain profiles                     list / show profiles
 synthbrain simulate ...                 write simulated hospital sites (BIDS)
 synthbrain site check --bids DIR ...    validate a site's data before it joins
 synthbrain train-local vqvae|prior ...  centralised (non-federated) baselines
+synthbrain pretrain ...                 the public pretrained checkpoint (central, simulated data)
 synthbrain demo                         the end-to-end demo on simulated sites
 """
 
@@ -107,6 +108,7 @@ COMMAND_MODULES: list[tuple[str, str]] = [
     ("fl_app.evaluate.fidelity", "add_evaluate_parser"),
     ("fl_app.evaluate.audit", "add_audit_parser"),
     ("fl_app.privacy.report", "add_privacy_parser"),
+    ("fl_app.pretrain", "add_pretrain_parser"),
 ]
 TRAIN_LOCAL_MODULES: list[tuple[str, str]] = [
     ("fl_app.train.vqvae_local", "add_train_local_vqvae_parser"),
@@ -152,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)  # recorded by commands that make models
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

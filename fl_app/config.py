@@ -100,10 +100,15 @@ class VQVAESection(_Strict):
     embedding_dim: int = Field(32, gt=0)
     commitment_cost: float = Field(0.25, ge=0.0)
     ema_decay: float = Field(0.99, gt=0.0, lt=1.0)
-    quantiser: Literal["ema", "loss"] = Field(
+    quantiser: Literal["ema", "loss", "fsq"] = Field(
         "loss",
-        description="'ema' = MONAI's EMA codebook; 'loss' = learned through the loss (DP-safe; "
-        "always used under DP).",
+        description="'ema' = MONAI's EMA codebook; 'loss' = learned through the loss (DP-safe; used "
+        "under DP in place of 'ema'); 'fsq' = finite scalar quantisation (no codebook, DP-safe).",
+    )
+    fsq_levels: tuple[int, ...] = Field(
+        (8, 5, 5, 5),
+        description="'fsq': values per code channel; num_embeddings = their product, embedding_dim = "
+        "their count.",
     )
     joint_labels: bool = Field(True, description="Encode the tissue label map with the image.")
     label_weight: float = Field(1.0, ge=0.0, description="Weight of the label cross-entropy term.")
@@ -144,6 +149,14 @@ class VQVAESection(_Strict):
     def _levels(self) -> VQVAESection:
         if len(self.channels) != len(self.num_res_channels):
             raise ValueError("channels and num_res_channels must have the same length (one per level)")
+        if self.quantiser == "fsq":
+            k, d = math.prod(self.fsq_levels), len(self.fsq_levels)
+            if min(self.fsq_levels) < 2 or (self.num_embeddings, self.embedding_dim) != (k, d):
+                raise ValueError(
+                    f"quantiser 'fsq' with fsq_levels {list(self.fsq_levels)} needs every level >= 2, "
+                    f"num_embeddings {k} (their product) and embedding_dim {d} (their count); got "
+                    f"num_embeddings {self.num_embeddings}, embedding_dim {self.embedding_dim}"
+                )
         return self
 
     @property

@@ -121,6 +121,30 @@ def test_one_dp_step_changes_state_only_through_the_optimiser() -> None:
     assert sum(h[2] for h in pe.accountant.history) == 1
 
 
+def test_one_dp_step_with_fsq_changes_state_only_through_the_optimiser() -> None:
+    """FSQ has no codebook and no buffers: the DP model's whole state is encoder and decoder parameters, and
+    one DP-SGD step moves each by exactly lr times its noised gradient."""
+    torch.manual_seed(0)
+    p = tiny_profile(quantiser="fsq", fsq_levels=[4, 2, 2], num_embeddings=16, embedding_dim=3)
+    model = build_vqvae(p, dp=True)
+    assert model.quantiser == "fsq"
+    assert not list(model.codebook.parameters()) and not list(model.codebook.buffers())
+    lr = 0.05
+    pe, gm, dp_opt, _ = private(model, dataset(4), lr=lr)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    assert set(before) == set(params), "exported state must consist of parameters only"
+    batch = {k: torch.stack([d[k] for d in dataset(4)[:2]]) for k in ("image", "label", "has_label")}
+    res = train_vqvae_local(gm, [batch], p, optimizer=dp_opt, max_steps=1)
+    assert res["dp"] and res["steps"] == 1
+    after = model.state_dict()
+    for name, old in before.items():
+        grad = params[name].grad
+        assert grad is not None, f"{name} has no (noised) gradient"
+        assert torch.allclose(after[name], old - lr * grad, atol=1e-7), name
+    assert sum(h[2] for h in pe.accountant.history) == 1
+
+
 def test_forward_alone_changes_nothing_in_dp_mode_but_does_with_ema() -> None:
     image = torch.stack([d["image"] for d in dataset(2)])
     label = torch.stack([d["label"] for d in dataset(2)])

@@ -28,6 +28,7 @@ from monai.metrics import DiceMetric, MultiScaleSSIMMetric, PSNRMetric, SSIMMetr
 __all__ = [
     "MS_SSIM_WEIGHTS",
     "code_bits",
+    "code_mode_agreement",
     "codebook_perplexity",
     "codebook_usage_fraction",
     "compression_ratio",
@@ -173,3 +174,33 @@ def compression_ratio_float32(
 ) -> float:
     """Code bits over the bits of the volume stored as float32."""
     return compression_ratio(code_shape, num_embeddings, volume_shape, bits_per_voxel=32)
+
+
+def code_mode_agreement(
+    train_codes: torch.Tensor, test_codes: torch.Tensor, where: torch.Tensor | None = None
+) -> float:
+    """Fraction of held-out codes equal to the training set's most frequent code at their grid position.
+
+    Near 1, the code grid hardly depends on the subject (a *positional* code): a prior then has almost
+    nothing left to learn from age, sex or diagnosis.
+
+    Args:
+        train_codes: (N, *grid) integer codes of the training subjects.
+        test_codes: (M, *grid) codes of held-out subjects.
+        where: optional (M, *grid) bool mask of the held-out positions to count (e.g. mostly-brain cells).
+
+    Returns:
+        The fraction (NaN if ``where`` selects nothing).
+    """
+    tr = train_codes.reshape(train_codes.shape[0], -1).long()
+    te = test_codes.reshape(test_codes.shape[0], -1).long()
+    if tr.shape[1] != te.shape[1]:
+        raise ValueError(f"grids differ: {tuple(train_codes.shape[1:])} vs {tuple(test_codes.shape[1:])}")
+    vocab = int(max(tr.max(), te.max())) + 1
+    counts = torch.zeros(tr.shape[1], vocab, dtype=torch.int64)
+    counts.scatter_add_(1, tr.T, torch.ones_like(tr.T))
+    same = te == counts.argmax(1)[None]
+    if where is not None:
+        sel = where.reshape(te.shape).bool()
+        return float(same[sel].double().mean()) if sel.any() else math.nan
+    return float(same.double().mean())

@@ -21,13 +21,14 @@ parameters outside the optimiser and is therefore refused for DP training (see `
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
 from monai.networks.layers.vector_quantizer import EMAQuantizer
 from torch import nn
 
-__all__ = ["LossQuantizer", "codebook_usage", "restart_dead_codes"]
+__all__ = ["FSQuantizer", "LossQuantizer", "codebook_usage", "restart_dead_codes"]
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -160,6 +161,84 @@ class LossQuantizer(nn.Module):
             loss = loss + self.entropy_weight * self.usage_entropy_loss(z)
         quantized_st = z + (quantized - z).detach()
         return quantized_st, loss, indices
+
+
+class FSQuantizer(nn.Module):
+    """Finite scalar quantisation (Mentzer et al. 2023): each of the D encoder channels is bounded and
+    rounded to one of ``levels[d]`` values; a code is the tuple of rounded values, so the implicit codebook
+    has ``prod(levels)`` entries and every one of them is reachable by construction.
+
+    It has no parameters and no data-dependent state: nothing is learned outside the optimiser, there is no
+    codebook or commitment loss, no entropy term and no dead-code restart. Under DP-SGD every exported
+    tensor is therefore an encoder or decoder parameter updated only by the (noised) optimiser step.
+
+    Channel d is mapped by ``tanh`` into ``levels[d]`` integer bins (even level counts are shifted by half a
+    bin so the bins are symmetric after rounding), rounded with a straight-through gradient and scaled to
+    [-1, 1]. Index of a code: mixed-radix number of its per-channel bins (channel 0 is the fastest digit).
+
+    Args:
+        spatial_dims: 2 or 3.
+        levels: number of values per channel, e.g. ``(8, 5, 5, 5)`` for 1,000 codes.
+    """
+
+    def __init__(self, spatial_dims: int, levels: tuple[int, ...] | list[int]) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        levels = tuple(int(v) for v in levels)
+        if not levels or min(levels) < 2:
+            raise ValueError(f"every FSQ level count must be >= 2, got {levels}")
+        self.spatial_dims = spatial_dims
+        self.levels = levels
+        self.embedding_dim = len(levels)
+        self.num_embeddings = math.prod(levels)
+        self._to_last = [0, *range(2, spatial_dims + 2), 1]
+        self._to_first = [0, spatial_dims + 1, *range(1, spatial_dims + 1)]
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        lv = torch.tensor(self.levels, dtype=torch.float32, device=device)
+        half_width = torch.floor(lv / 2)  # integer bins run from -half_width (+1 if even) to half_width
+        basis = torch.tensor([math.prod(self.levels[:d]) for d in range(len(self.levels))], device=device)
+        return lv, half_width, basis
+
+    def _bins(self, z: torch.Tensor) -> torch.Tensor:
+        """Channel-last z (..., D) -> bounded values whose rounding is the integer bin of each channel."""
+        lv, _, _ = self._constants(z.device)
+        half = (lv - 1) * (1 + 1e-3) / 2  # a hair wider than the bins, so the outermost ones are reached
+        offset = (1 - lv % 2) * 0.5  # even counts: bins -L/2 .. L/2 - 1
+        shift = torch.atanh(offset / half)
+        return torch.tanh(z + shift) * half - offset
+
+    def _to_index(self, bins: torch.Tensor) -> torch.Tensor:
+        _, half_width, basis = self._constants(bins.device)
+        return ((bins.round() + half_width).long() * basis).sum(-1)
+
+    def quantize(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Codes of ``inputs`` (B, D, *S), no gradient: ``(flat (N, D), one_hot (N, K) or empty, indices
+        (B, *S))``; the one-hot matrix is left empty (K may be large and no caller needs it)."""
+        with torch.no_grad(), _no_autocast(inputs.device):
+            flat = inputs.float().permute(self._to_last).reshape(-1, self.embedding_dim)
+            idx = self._to_index(self._bins(flat))
+            return flat, flat.new_zeros(0, self.num_embeddings), idx.view(inputs.shape[0], *inputs.shape[2:])
+
+    def embed(self, embedding_indices: torch.Tensor) -> torch.Tensor:
+        """Codes (B, *S) int64 -> code vectors (B, D, *S) in [-1, 1], float32."""
+        _, half_width, basis = self._constants(embedding_indices.device)
+        lv = basis.new_tensor(self.levels)
+        bins = (embedding_indices.long()[..., None] // basis) % lv - half_width.long()
+        return (bins.float() / half_width).permute(self._to_first).contiguous()
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(z_q, loss, indices)``: z_q (B, D, *S) with a straight-through gradient to ``inputs``, a zero
+        loss (FSQ needs none) and indices (B, *S) int64."""
+        with _no_autocast(inputs.device):
+            z = inputs.float().permute(self._to_last)
+            bins = self._bins(z)
+            rounded = bins + (bins.round() - bins).detach()
+            _, half_width, _ = self._constants(inputs.device)
+            zq = (rounded / half_width).permute(self._to_first).contiguous()
+            idx = self._to_index(bins.detach())
+        return zq, inputs.new_zeros((), dtype=torch.float32), idx
 
 
 def _entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:

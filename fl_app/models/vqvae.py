@@ -9,8 +9,9 @@ decoder outputs the image plus 4 label logits. *Image-only* mode: 1 channel in, 
 
 Quantiser modes: ``"ema"`` is MONAI's EMA codebook (buffers updated in ``forward`` from raw batch
 statistics); ``"loss"`` is :class:`fl_app.models.quantizer.LossQuantizer` (codebook learned through
-the loss). ``build_vqvae(..., dp=True)`` always uses ``"loss"``, so that every exported tensor is a
-parameter updated only by the (DP) optimiser.
+the loss); ``"fsq"`` is :class:`fl_app.models.quantizer.FSQuantizer` (finite scalar quantisation: no
+codebook, no state). ``build_vqvae(..., dp=True)`` replaces ``"ema"`` by ``"loss"``, so that every exported
+tensor is a parameter updated only by the (DP) optimiser.
 
 Public API::
 
@@ -33,9 +34,10 @@ from monai.networks.nets import VQVAE
 from torch import nn
 
 from fl_app.config import TISSUE_LABELS, Profile, profile_from_dict
-from fl_app.models.quantizer import LossQuantizer
+from fl_app.models.quantizer import FSQuantizer, LossQuantizer
 
 __all__ = [
+    "DP_SAFE_QUANTISERS",
     "NUM_TISSUE_CLASSES",
     "SynthVQVAE",
     "activation_memory_bytes",
@@ -49,6 +51,8 @@ __all__ = [
 ]
 
 NUM_TISSUE_CLASSES = len(TISSUE_LABELS)
+# quantisers whose every tensor is a parameter changed only by the optimiser (or that have none)
+DP_SAFE_QUANTISERS = ("loss", "fsq")
 CHECKPOINT_FORMAT = "synthbrain-vqvae/1"
 
 
@@ -58,8 +62,8 @@ class SynthVQVAE(nn.Module):
     Attributes:
         net: the MONAI VQVAE (``net.encoder``, ``net.quantizer.quantizer``, ``net.decoder``).
         joint: input = image + one-hot labels, output = image + label logits.
-        quantiser: ``"ema"`` or ``"loss"``.
-        dp: built for differentially private training (implies ``quantiser == "loss"``).
+        quantiser: ``"ema"``, ``"loss"`` or ``"fsq"``.
+        dp: built for differentially private training (implies a quantiser in ``DP_SAFE_QUANTISERS``).
         num_embeddings, embedding_dim, downsample_factor: codebook size K, code dimension D, f.
     """
 
@@ -80,7 +84,7 @@ class SynthVQVAE(nn.Module):
 
     @property
     def codebook(self) -> nn.Module:
-        """The inner quantiser (``LossQuantizer`` or ``EMAQuantizer``); ``.embedding.weight`` is (K, D)."""
+        """The inner quantiser (``LossQuantizer``, ``EMAQuantizer`` or ``FSQuantizer``)."""
         return self.net.quantizer.quantizer
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,7 +140,7 @@ def build_vqvae(profile: Profile, joint: bool | None = None, dp: bool = False) -
     """
     cfg = profile.vqvae
     joint = cfg.joint_labels if joint is None else bool(joint)
-    quantiser = "loss" if dp else cfg.quantiser
+    quantiser = "loss" if dp and cfg.quantiser not in DP_SAFE_QUANTISERS else cfg.quantiser
     n_levels = len(cfg.channels)
     channels_io = 1 + (NUM_TISSUE_CLASSES if joint else 0)
     net = VQVAE(
@@ -169,6 +173,8 @@ def build_vqvae(profile: Profile, joint: bool | None = None, dp: bool = False) -
                 entropy_temperature=cfg.entropy_temperature,
             )
         )
+    elif quantiser == "fsq":
+        net.quantizer = VectorQuantizer(quantizer=FSQuantizer(3, cfg.fsq_levels))  # type: ignore[arg-type]
     else:
         assert isinstance(net.quantizer.quantizer, EMAQuantizer)
     return SynthVQVAE(net, joint=joint, quantiser=quantiser, dp=dp, downsample_factor=cfg.downsample_factor)

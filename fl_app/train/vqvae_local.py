@@ -53,7 +53,15 @@ from torch.utils.data._utils.collate import default_collate
 from fl_app.config import Profile, VQVAESection, load_profile, profile_to_yaml
 from fl_app.evaluate import metrics as M
 from fl_app.models.quantizer import codebook_usage, restart_dead_codes
-from fl_app.models.vqvae import SynthVQVAE, build_vqvae, make_input, save_vqvae, unwrap
+from fl_app.models.vqvae import (
+    DP_SAFE_QUANTISERS,
+    SynthVQVAE,
+    build_vqvae,
+    load_vqvae,
+    make_input,
+    save_vqvae,
+    unwrap,
+)
 from fl_app.train import distributed as D
 from fl_app.train.common import (
     autocast,
@@ -235,9 +243,10 @@ def train_vqvae_local(
     ddp = D.is_distributed()
     if ddp and dp:
         raise ValueError("DP-SGD runs in one process only: a DP site must train with compute.nproc: 1")
-    if dp and m.quantiser != "loss":
+    if dp and m.quantiser not in DP_SAFE_QUANTISERS:
         raise ValueError(
-            "DP training needs the loss-learned codebook: build the model with build_vqvae(profile, dp=True)"
+            f"DP training needs the loss-learned codebook or FSQ (no data-dependent state), not "
+            f"{m.quantiser!r}: build the model with build_vqvae(profile, dp=True)"
         )
     use_adv = discriminator is not None and vq.adv_weight > 0
     if use_adv and dp:
@@ -245,6 +254,7 @@ def train_vqvae_local(
     if use_adv and disc_optimizer is None:
         raise ValueError("discriminator given without disc_optimizer")
     restart = (vq.dead_code_restart if dead_code_restart is None else dead_code_restart) and not dp
+    restart = restart and m.quantiser != "fsq"  # every FSQ code is reachable: there is no codebook to re-seed
     if epochs is None:
         if max_steps is not None or max_seconds is not None:
             epochs = 10**9  # until the step / time budget is spent
@@ -524,6 +534,8 @@ def run_train_local_vqvae(args: argparse.Namespace) -> int:
         dataset, batch_size, profile.train.val_fraction, seed, num_workers=profile.train.num_workers
     )
     model = build_vqvae(profile, joint=False if args.image_only else None)
+    if args.init is not None:  # start from these weights (the architecture must match the profile's)
+        model.load_state_dict(load_vqvae(args.init)[0].state_dict())
     optimizer = make_optimizer(model, profile, args.lr)
     disc = disc_opt = None
     if profile.vqvae.adv_weight > 0:
@@ -535,8 +547,13 @@ def run_train_local_vqvae(args: argparse.Namespace) -> int:
 
     def _log_epoch(rec: dict[str, Any]) -> None:
         val = rec.get("val", {})
+        # the latest weights after every epoch: a long run that is stopped keeps its progress
+        save_vqvae(
+            model, profile, out / "vqvae.pt", extra={"steps": rec["steps"], "seed": seed, "partial": True}
+        )
         print(
-            f"epoch {rec['epoch']}: loss {rec['loss']:.4f} perplexity {rec['codebook_perplexity']:.1f}"
+            f"epoch {rec['epoch']} step {rec['steps']}: loss {rec['loss']:.4f} "
+            f"perplexity {rec['codebook_perplexity']:.1f}"
             + (
                 f" | val PSNR {val.get('psnr_db', math.nan):.2f} dB Dice {val.get('dice_mean', math.nan):.3f}"
                 if val
@@ -599,6 +616,7 @@ def add_train_local_vqvae_parser(subparsers: argparse._SubParsersAction) -> argp
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", type=Path, default=None, help="preprocessing cache")
     p.add_argument("--image-only", action="store_true", help="ignore tissue labels")
+    p.add_argument("--init", type=Path, default=None, help="start from this VQ-VAE checkpoint (.pt)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="profile override, e.g. vqvae.lr=...")
     p.set_defaults(func=run_train_local_vqvae)
     return p
