@@ -23,6 +23,7 @@ COMMANDS = [
     "audit-site",
     "privacy",
     "profiles",
+    "view",
 ]
 
 
