@@ -322,19 +322,17 @@ async function show(i) {
   status("Loading " + e.key + "…");
   const payload = await loadData(i);
   if (current !== i) { return; }
-  const vols = [{ base64: payload.image, name: e.key + ".nii.gz", colormap: "gray" }];
-  const imgs = [];
-  for (const v of vols) { imgs.push(await niivue.NVImage.loadFromBase64(v)); }
+  const imgs = [await niivue.NVImage.loadFromBase64({ base64: payload.image, name: e.key + ".nii.gz", colormap: "gray" })];
   if (payload.labels) {
-    const lab = await niivue.NVImage.loadFromBase64({ base64: payload.labels, name: e.key + "_dseg.nii.gz", colormap: "gray", opacity: 0.5 });
+    const lab = await niivue.NVImage.loadFromBase64({ base64: payload.labels, name: e.key + "_dseg.nii.gz",
+      colormap: "gray", opacity: document.getElementById("ovl").checked ? 0.5 : 0.0 });
     lab.setColormapLabel(LUT);
     imgs.push(lab);
   }
   if (current !== i) { return; }
-  while (nv.volumes.length > 0) { nv.removeVolume(nv.volumes[nv.volumes.length - 1]); }
-  for (const im of imgs) { nv.addVolume(im); }
-  nv.setOpacity(0, 1.0);
-  if (imgs.length > 1) { nv.setOpacity(1, document.getElementById("ovl").checked ? 0.5 : 0.0); }
+  // Swap both volumes and update the GL state once (NiiVue's removeVolume/addVolume would each
+  // re-upload and re-render: seconds per subject with software WebGL).
+  nv.volumes = imgs; nv.back = imgs[0]; nv.overlays = imgs.slice(1);
   nv.updateGLVolume();
   if (history.replaceState) { history.replaceState(null, "", "#" + encodeURIComponent(e.key)); }
   status("Showing " + e.key + " (" + (i + 1) + " of " + ENTRIES.length + ").");
