@@ -73,14 +73,12 @@ class ViewerEntry:
 
 def flatten_sidecar(obj: Any, prefix: str = "") -> dict[str, Any]:
     """A JSON sidecar as flat ``{"A.B": value}`` rows (lists joined), for an entry's facts table."""
+    if not isinstance(obj, dict):
+        return {prefix: ", ".join(map(str, obj)) if isinstance(obj, list) else obj}
     out: dict[str, Any] = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out |= flatten_sidecar(v, f"{prefix}{k}." if not isinstance(v, dict) or v else f"{prefix}{k}")
-        return {k.rstrip("."): v for k, v in out.items()}
-    if isinstance(obj, list):
-        obj = ", ".join(map(str, obj))
-    return {prefix: obj}
+    for k, v in obj.items():
+        out |= flatten_sidecar(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
 
 
 def _fmt(v: Any) -> str:
@@ -90,7 +88,7 @@ def _fmt(v: Any) -> str:
 
 
 def display_nifti(path: str | Path, labels: bool = False) -> bytes:
-    """gzip NIfTI bytes of ``path`` for display: label maps as uint8; images as uint8 over a robust
+    """gzip NIfTI bytes of ``path`` for display: label maps as uint8 (uint16 above 255); images as uint8 over a robust
     window with slope/intercept restoring the original units (4D: the first volume)."""
     import nibabel as nib
 
@@ -99,7 +97,8 @@ def display_nifti(path: str | Path, labels: bool = False) -> bytes:
     if data.ndim > 3:
         data = data.reshape(*data.shape[:3], -1)[..., 0]
     if labels:
-        out = np.clip(np.rint(np.nan_to_num(data)), 0, 255).astype(np.uint8)
+        lab = np.rint(np.nan_to_num(np.asarray(data, dtype=np.float64)))
+        out = np.clip(lab, 0, 65535).astype(np.uint8 if lab.max(initial=0) <= 255 else np.uint16)
         slope, inter = 1.0, 0.0
     else:
         a = np.nan_to_num(data.astype(np.float32))
@@ -342,7 +341,7 @@ async function show(i) {
 }
 async function start() {
   if (typeof niivue === "undefined") { status("The viewer script did not load (copy the page's _viewer folder with it).", true); return; }
-  nv = new niivue.Niivue({ backColor: [0, 0, 0, 1], show3Dcrosshair: true, isColorbar: false, crosshairWidth: 1,
+  nv = new niivue.Niivue({ backColor: [0, 0, 0, 1], show3Dcrosshair: true, isColorbar: false, crosshairWidth: 1, crosshairWidthUnit: "mm",
     multiplanarShowRender: niivue.SHOW_RENDER.ALWAYS, multiplanarLayout: niivue.MULTIPLANAR_TYPE.GRID,
     dragAndDropEnabled: false, loadingText: "" });
   nv.onLocationChange = onLocation;
