@@ -113,7 +113,12 @@ class Chromium:
         self.errors: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.session = self._attach()
+        self.session = ""
+        try:
+            self.session = self._attach()
+        except BaseException:
+            self.close()  # no browser left behind when it starts but does not answer
+            raise
 
     # -- protocol -----------------------------------------------------------------------------------
     def _read(self) -> None:
@@ -156,7 +161,7 @@ class Chromium:
             self._next += 1
             mid = self._next
         msg: dict[str, Any] = {"id": mid, "method": method, "params": params or {}}
-        if session and getattr(self, "session", None):
+        if session and self.session:
             msg["sessionId"] = self.session
         self._w.write(json.dumps(msg).encode() + b"\0")
         deadline = time.monotonic() + self.timeout

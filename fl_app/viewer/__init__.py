@@ -6,7 +6,13 @@ coloured overlay with its legend; crosshair coordinates in mm) and a list of vol
 between, each shown next to its own table of facts (covariates, sidecar settings, QC results).
 
 Used by the cohort QC report (:mod:`fl_app.generate.qc`), by ``synthbrain view`` and meant for any
-other QC page (e.g. a site check's).
+other QC page, e.g. a site check's::
+
+    from fl_app.viewer import ViewerEntry, write_viewer_page
+    entries = [ViewerEntry(s.participant_id, s.image, s.label, title, {"problem": ...}) for s in subjects]
+    write_viewer_page(out / "site_check.html", entries, title="site check", intro_html=table_html)
+
+(:func:`entries_for_path` makes the entries of a NIfTI file, BIDS subject or BIDS dataset.)
 """
 
 from fl_app.viewer.page import (
@@ -15,6 +21,7 @@ from fl_app.viewer.page import (
     TISSUE_LABELS,
     ViewerEntry,
     add_view_parser,
+    entries_for_path,
     flatten_sidecar,
     write_viewer_page,
 )
@@ -25,6 +32,7 @@ __all__ = [
     "TISSUE_LABELS",
     "ViewerEntry",
     "add_view_parser",
+    "entries_for_path",
     "flatten_sidecar",
     "write_viewer_page",
 ]

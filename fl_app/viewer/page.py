@@ -39,6 +39,7 @@ __all__ = [
     "TISSUE_LABELS",
     "ViewerEntry",
     "add_view_parser",
+    "entries_for_path",
     "flatten_sidecar",
     "write_viewer_page",
 ]
