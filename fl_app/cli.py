@@ -6,6 +6,7 @@ synthbrain site check --bids DIR ...    validate a site's data before it joins
 synthbrain train-local vqvae|prior ...  centralised (non-federated) baselines
 synthbrain pretrain ...                 the public pretrained checkpoint (central, simulated data)
 synthbrain demo                         the end-to-end demo on simulated sites
+synthbrain view PATH                    open a NIfTI file, BIDS subject or cohort in the offline viewer
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ COMMAND_MODULES: list[tuple[str, str]] = [
     ("fl_app.evaluate.audit", "add_audit_parser"),
     ("fl_app.privacy.report", "add_privacy_parser"),
     ("fl_app.pretrain", "add_pretrain_parser"),
+    ("fl_app.viewer.page", "add_view_parser"),
 ]
 TRAIN_LOCAL_MODULES: list[tuple[str, str]] = [
     ("fl_app.train.vqvae_local", "add_train_local_vqvae_parser"),

@@ -23,6 +23,8 @@ COMMANDS = [
     "audit-site",
     "privacy",
     "profiles",
+    "view",
+    "pretrain",
 ]
 
 

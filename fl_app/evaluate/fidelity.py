@@ -136,11 +136,24 @@ def load_reference_subjects(
 
 
 def measure(subjects: Subjects) -> dict[str, np.ndarray]:
-    """Per-subject :data:`MEASURES` -> ``{name: (N,)}``."""
+    """Per-subject :data:`MEASURES` plus ``icv_ml`` and ``csf_fraction`` -> ``{name: (N,)}``."""
     rows = []
     for img, lab in zip(subjects.images, subjects.labels, strict=True):
         rows.append(label_measures(lab, subjects.voxel_mm) | intensity_measures(img, lab, subjects.voxel_mm))
-    return {m: np.array([r[m] for r in rows], dtype=np.float64) for m in MEASURES}
+    return {
+        m: np.array([r[m] for r in rows], dtype=np.float64) for m in (*MEASURES, "icv_ml", "csf_fraction")
+    }
+
+
+def _per_subject(s: Subjects, m: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+    """Covariates and label measures of every subject (for the plots of ``evaluate --html``)."""
+    return {
+        "ids": list(s.ids),
+        "age": s.ages.tolist(),
+        "sex": list(s.sexes),
+        "diagnosis": list(s.diagnoses),
+        **{k: m[k].tolist() for k in ("btf", "csf_fraction", "csf_ml", "icv_ml")},
+    }
 
 
 def age_slope(ages: np.ndarray, values: np.ndarray, groups: Sequence[Any]) -> dict[str, Any]:
@@ -216,7 +229,7 @@ def pairwise_ms_ssim(images: np.ndarray, n_pairs: int = 30, seed: int = 0) -> di
     a = torch.from_numpy(np.stack([images[i] for i, _ in pairs]).clip(0, 1)).float()[:, None]
     b = torch.from_numpy(np.stack([images[j] for _, j in pairs]).clip(0, 1)).float()[:, None]
     vals = torch.cat([ms_ssim(a[k : k + 8], b[k : k + 8]) for k in range(0, len(pairs), 8)]).numpy()
-    return {"mean": float(vals.mean()), "sd": float(vals.std()), "pairs": len(pairs)}
+    return {"mean": float(vals.mean()), "sd": float(vals.std()), "pairs": len(pairs), "values": vals.tolist()}
 
 
 def mmd2(x: np.ndarray, y: np.ndarray, bandwidth: float) -> float:
@@ -319,6 +332,10 @@ def evaluate(
                 )
         fid[name] = entry
     res["fidelity"] = fid
+    res["per_subject"] = {"synthetic": _per_subject(synth, ms)}
+    if mr is not None and reference is not None:
+        res["per_subject"]["reference"] = _per_subject(reference, mr)
+    res["law_compared"] = bool(simulated)
     b = fid["btf"]
     summary["btf_age_slope_synthetic"] = b["synthetic"]["slope"]
     if "reference" in b:
@@ -413,6 +430,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         Path(args.json).write_text(text + "\n")
     for k, v in res["summary"].items():
         print(f"{k:40s} {v:.4g}" if isinstance(v, float) else f"{k:40s} {v}")
+    from fl_app.evaluate.plots import write_evaluation_html
+
+    pages = [qc / "evaluation.html"] + ([Path(args.html)] if args.html else [])
+    for page in pages:
+        write_evaluation_html(res, page, title=f"synthbrain evaluation: {Path(args.cohort).resolve().name}")
+    print(f"evaluation plots: {', '.join(str(p) for p in pages)}")
     from fl_app.generate.qc import write_qc
 
     print(f"QC report updated: {write_qc(args.cohort)}")
@@ -439,5 +462,12 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", help="preprocessing cache for the reference")
     p.add_argument("--json", help="write all results here (also written to COHORT/qc/evaluation.json)")
+    p.add_argument(
+        "--html",
+        metavar="OUT.html",
+        help="also write the plots page here (always written to COHORT/qc/evaluation.html): tissue fractions "
+        "against age per diagnosis with the law's or the reference's curve, intracranial volume by sex, "
+        "diversity (MS-SSIM pairs) synthetic vs real, the audit's distances against its threshold",
+    )
     p.set_defaults(func=_run_evaluate)
     return p

@@ -630,6 +630,7 @@ def gate_release(out: str | Path, flagged: dict[str, str]) -> list[str]:
         shutil.rmtree(out / pid, ignore_errors=True)
         for png in (out / "qc").glob(f"{pid}_*"):
             png.unlink()
+        (out / "qc" / "report_viewer" / "data" / f"{pid}.js").unlink(missing_ok=True)  # its viewer data
         withheld[pid] = flagged[pid]
     f = out / WITHHELD_FILE
     f.parent.mkdir(parents=True, exist_ok=True)

@@ -2,9 +2,11 @@
 
 ``write_qc(cohort_dir)`` writes ``qc/<sub>_montage.png`` (axial, coronal and sagittal slices through
 the volume centre; T1w in grey with the tissue labels overlaid: CSF blue, GM green, WM yellow) and
-``qc/report.html``: a montage grid, the covariate table and, when ``synthbrain evaluate`` has written
-``qc/evaluation.json``, its summary. The report references the PNGs by relative path and loads
-nothing from the network, so it opens offline (copy the whole ``qc/`` folder).
+``qc/report.html``: an interactive 3D viewer of every subject (NiiVue, shipped with the package; the
+volumes in ``qc/report_viewer/``, see :mod:`fl_app.viewer`) next to its covariates and sampling
+settings, a montage grid, the covariate table and, when ``synthbrain evaluate`` has written
+``qc/evaluation.json``, its summary. The report references its files by relative path and loads
+nothing from the network, so it opens offline from ``file://`` (copy the whole ``qc/`` folder).
 """
 
 from __future__ import annotations
@@ -82,26 +84,54 @@ def _summary_html(ev: dict[str, Any]) -> str:
     return f"<table><tr><th>metric</th><th>value</th></tr>{rows}</table>"
 
 
+def _viewer_entries(subjects: list[dict[str, Any]]) -> list[Any]:
+    """One viewer entry per subject with a T1w: covariates and the T1w sidecar's settings as facts."""
+    from fl_app.viewer import ViewerEntry, flatten_sidecar
+
+    out = []
+    for s in subjects:
+        if not s.get("t1w"):
+            continue
+        t1w = Path(s["t1w"])
+        facts: dict[str, Any] = {k: s.get(k) for k in ("participant_id", "age", "sex", "diagnosis")}
+        side = t1w.parent / t1w.name.replace(".nii.gz", ".json")
+        if side.is_file():
+            facts |= {
+                k: v for k, v in flatten_sidecar(json.loads(side.read_text())).items() if k != "Description"
+            }
+        title = f"{s['participant_id']}: {_fmt(s['age'])} y, {_fmt(s['sex'])}, {_fmt(s['diagnosis'])}"
+        out.append(ViewerEntry(s["participant_id"], t1w, s.get("dseg"), title, facts))
+    return out
+
+
 def write_report(
-    cohort: str | Path, subjects: list[dict[str, Any]], evaluation: dict[str, Any] | None
+    cohort: str | Path,
+    subjects: list[dict[str, Any]],
+    evaluation: dict[str, Any] | None,
+    progress: bool = False,
 ) -> Path:
-    """Write ``qc/report.html`` for ``subjects`` (dicts with participant_id, age, sex, diagnosis and
-    an optional ``montage`` path relative to ``qc/``)."""
+    """Write ``qc/report.html`` for ``subjects`` (dicts with participant_id, age, sex, diagnosis, the
+    ``t1w``/``dseg`` paths and an optional ``montage`` path relative to ``qc/``): the interactive
+    viewer (:mod:`fl_app.viewer`; its files in ``qc/report_viewer/``), the evaluation summary, the
+    montages and the covariate table (clicking a montage or a row opens that subject in the viewer)."""
+    from fl_app.viewer import write_viewer_page
+
     cohort = Path(cohort)
     desc = {}
     if (cohort / "dataset_description.json").is_file():
         desc = json.loads((cohort / "dataset_description.json").read_text())
     model = desc.get("SynthbrainModel", {})
     grid = "".join(
-        f'<figure><img src="{html.escape(s["montage"])}" alt="{html.escape(s["participant_id"])}">'
+        f'<figure data-view="{html.escape(s["participant_id"])}"><img src="{html.escape(s["montage"])}" '
+        f'alt="{html.escape(s["participant_id"])}">'
         f"<figcaption>{html.escape(s['participant_id'])}: {_fmt(s['age'])} y, {_fmt(s['sex'])}, "
         f"{_fmt(s['diagnosis'])}</figcaption></figure>"
         for s in subjects
         if s.get("montage")
     )
     table = "".join(
-        f"<tr><td>{html.escape(s['participant_id'])}</td><td>{_fmt(s['age'])}</td><td>{_fmt(s['sex'])}</td>"
-        f"<td>{_fmt(s['diagnosis'])}</td></tr>"
+        f'<tr data-view="{html.escape(s["participant_id"])}"><td>{html.escape(s["participant_id"])}</td>'
+        f"<td>{_fmt(s['age'])}</td><td>{_fmt(s['sex'])}</td><td>{_fmt(s['diagnosis'])}</td></tr>"
         for s in subjects
     )
     counts: dict[str, int] = {}
@@ -113,33 +143,41 @@ def write_report(
         if evaluation
         else "<p>No evaluation yet: run <code>synthbrain evaluate --cohort DIR --reference BIDS</code>.</p>"
     )
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>synthbrain cohort report</title>
-<style>
-body {{ font-family: sans-serif; margin: 1.5em; }}
-table {{ border-collapse: collapse; margin-bottom: 1em; }}
-td, th {{ border: 1px solid #bbb; padding: 2px 8px; font-size: 13px; }}
+    plots = cohort / "qc" / "evaluation.html"
+    plots_html = (
+        '<p>Plots of the evaluation: <a href="evaluation.html">evaluation.html</a>.</p>'
+        if plots.is_file()
+        else ""
+    )
+    intro = f"""<style>
 .grid {{ display: flex; flex-wrap: wrap; gap: 6px; }}
-figure {{ margin: 0; }} figcaption {{ font-size: 11px; }} img {{ width: 330px; }}
-</style></head><body>
+figure {{ margin: 0; }} figcaption {{ font-size: 11px; }} figure img {{ width: 330px; }}
+</style>
 <h1>synthbrain synthetic cohort</h1>
 <p>{len(subjects)} subjects. Model sha256 <code>{html.escape(str(model.get("Sha256", "n/a")))}</code>,
 privacy ε {html.escape(_fmt(model.get("PrivacyEpsilon")))}, profile {html.escape(str(model.get("Profile", "n/a")))}.
-Labels overlaid: <span style="color:#36f">CSF</span>, <span style="color:#1c3">GM</span>,
-<span style="color:#cb0">WM</span>. These are not images of real people.</p>
+These are not images of real people.</p>
 <p>Counts (sex/diagnosis): {html.escape(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))}</p>
-<h2>Evaluation</h2>
+<h2>Viewer</h2>
+<p>Pick a subject below, or click its montage or its row further down. Labels overlaid:
+<span style="color:#36f">CSF</span>, <span style="color:#1c3">GM</span>, <span style="color:#cb0">WM</span>.</p>
+"""
+    extra = f"""<h2>Evaluation</h2>
 {ev_html}
+{plots_html}
 <h2>Montages</h2>
 <div class="grid">{grid}</div>
 <h2>Covariates</h2>
 <table><tr><th>participant_id</th><th>age</th><th>sex</th><th>diagnosis</th></tr>{table}</table>
-</body></html>
 """
-    path = cohort / "qc" / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page)
-    return path
+    return write_viewer_page(
+        cohort / "qc" / "report.html",
+        _viewer_entries(subjects),
+        title="synthbrain cohort report",
+        intro_html=intro,
+        extra_html=extra,
+        progress=progress,
+    )
 
 
 def write_qc(cohort: str | Path, progress: bool = False, overwrite: bool = False) -> Path:
@@ -163,4 +201,4 @@ def write_qc(cohort: str | Path, progress: bool = False, overwrite: bool = False
         s["montage"] = png.name
     ev_file = cohort / "qc" / "evaluation.json"
     evaluation = json.loads(ev_file.read_text()) if ev_file.is_file() else None
-    return write_report(cohort, subjects, evaluation)
+    return write_report(cohort, subjects, evaluation, progress=progress)
