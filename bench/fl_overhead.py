@@ -42,13 +42,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from fl_app.config import load_profile
+    from fl_app.config import load_profile, load_site_config, write_site_yaml
     from fl_app.data.dataset import make_loaders
     from fl_app.data.simulate import simulate_sites
     from fl_app.fl.client import open_site_dataset
     from fl_app.fl.run import run_job
     from fl_app.fl.server import read_checkpoint
-    from fl_app.fl.site import load_fl_site_config, write_site_yaml
     from fl_app.models.vqvae import build_vqvae
     from fl_app.privacy.aggregation import weighted_average
     from fl_app.train.vqvae_local import make_optimizer, make_vqvae_loader, train_vqvae_local
@@ -66,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     # warm the preprocessing caches so that neither arm pays for them
     loaders = []
     for s in sites:
-        ds = open_site_dataset(load_fl_site_config(cfg_dir / f"{s.name}.yaml"), prof)
+        ds = open_site_dataset(load_site_config(cfg_dir / f"{s.name}.yaml"), prof)
         train, _ = make_loaders(ds, prof.train.batch_size, prof.train.val_fraction, 0)
         loaders.append((make_vqvae_loader(train.dataset, prof.train.batch_size, True, 0), len(train.dataset)))
 

@@ -175,11 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     import nvflare
     import torch
 
-    from fl_app.config import load_profile
+    from fl_app.config import load_profile, write_site_yaml
     from fl_app.data.simulate import simulate_sites
     from fl_app.fl.run import run_job
     from fl_app.fl.server import FROZEN_PREFIX, read_checkpoint
-    from fl_app.fl.site import write_site_yaml
 
     full = model_bytes("full-1mm")
     bench = model_bytes("cpu-demo", OVERRIDES)

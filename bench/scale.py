@@ -169,10 +169,9 @@ class TreeMemorySampler(threading.Thread):
 # ---------------------------------------------------------------------------------------------- one count
 def prepare(work: Path, n_sites: int, subjects: int) -> Path:
     """Simulate ``n_sites`` sites (site YAMLs with one thread each) and warm their preprocessing caches."""
-    from fl_app.config import load_profile
+    from fl_app.config import load_profile, load_site_config, write_site_yaml
     from fl_app.data.simulate import simulate_sites
     from fl_app.fl.client import open_site_dataset
-    from fl_app.fl.site import load_fl_site_config, write_site_yaml
 
     prof = load_profile("cpu-demo", TINY)
     sites = simulate_sites(work / "data", n_sites, subjects, prof, seed=0)
@@ -182,7 +181,7 @@ def prepare(work: Path, n_sites: int, subjects: int) -> Path:
         write_site_yaml(y, {"name": s.name, "bids_dir": str(s), "min_subjects": 2,
                             "cache_dir": str(work / "cache" / s.name),
                             "compute": {"device": "cpu", "num_threads": 1}})  # fmt: skip
-        open_site_dataset(load_fl_site_config(y), prof)  # preprocessing cache, outside the timed job
+        open_site_dataset(load_site_config(y), prof)  # preprocessing cache, outside the timed job
     return cfg_dir
 
 

@@ -56,16 +56,16 @@ def final_vqvae_on_sites(vqvae_path: Path, cfg_dir: Path, clients: list[str]) ->
     round tables never show, as each round reports the model it received -- on every site's own
     validation split (the split its client holds out). A real consortium gets this from a validation
     round at the sites. Returns ``{site: {"psnr_db", "dice_mean", "n_volumes"}}``."""
+    from fl_app.config import load_site_config
     from fl_app.data.dataset import make_loaders
     from fl_app.fl.client import open_site_dataset
-    from fl_app.fl.site import load_fl_site_config
     from fl_app.models.vqvae import load_vqvae
     from fl_app.train.vqvae_local import evaluate_vqvae
 
     model, prof = load_vqvae(vqvae_path)
     res: dict[str, dict[str, float]] = {}
     for c in clients:
-        ds = open_site_dataset(load_fl_site_config(cfg_dir / f"{c}.yaml"), prof)
+        ds = open_site_dataset(load_site_config(cfg_dir / f"{c}.yaml"), prof)
         _, val = make_loaders(ds, prof.train.batch_size, prof.train.val_fraction, 0)
         m = evaluate_vqvae(model, val)
         res[c] = {
@@ -157,10 +157,9 @@ def run_demo(
     DP-FedAvg (noise multiplier ``server_noise``, adaptive clipping at the median); the per-site ε are
     printed and written to the model card (docs/PRIVACY.md).
     """
-    from fl_app.config import load_profile
+    from fl_app.config import load_profile, write_site_yaml
     from fl_app.data.simulate import simulate_sites
     from fl_app.fl.run import run_job
-    from fl_app.fl.site import write_site_yaml
     from fl_app.global_model import write_global_model
 
     out = Path(out).resolve()

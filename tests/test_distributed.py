@@ -113,35 +113,35 @@ def _worker(out: Path) -> None:
 
 
 def _site_yaml(tmp_path: Path, name: str, **extra) -> Path:
-    from fl_app.fl.site import write_site_yaml
+    from fl_app.config import write_site_yaml
 
     data = {"name": name, "bids_dir": str(tmp_path / "bids"), "cache_dir": str(tmp_path / "cache"), **extra}
     return write_site_yaml(tmp_path / "sites" / f"{name}.yaml", data)
 
 
 def test_site_compute_nproc_is_validated_and_dp_with_nproc_is_refused(tmp_path):
-    from fl_app.fl.site import fl_site_config_from_dict, load_fl_site_config
+    from fl_app.config import load_site_config, site_config_from_dict
     from fl_app.train.distributed import check_site_parallelism
 
-    assert fl_site_config_from_dict({"name": "a", "bids_dir": "x"}).compute.nproc == 1
+    assert site_config_from_dict({"name": "a", "bids_dir": "x"}).compute.nproc == 1
     with pytest.raises(ConfigError, match=r"compute\.nproc"):
-        fl_site_config_from_dict({"name": "a", "bids_dir": "x", "compute": {"nproc": 0}})
+        site_config_from_dict({"name": "a", "bids_dir": "x", "compute": {"nproc": 0}})
     with pytest.raises(ConfigError, match="exceeds the 2 GPU"):
-        fl_site_config_from_dict(
+        site_config_from_dict(
             {"name": "a", "bids_dir": "x", "compute": {"device": "cuda", "gpus": [0, 1], "nproc": 3}}
         )
     dp = {"enabled": True, "epsilon_budget": 8.0}
     path = _site_yaml(tmp_path, "h-dp", compute={"nproc": 2}, privacy=dp)
-    cfg = load_fl_site_config(path)
+    cfg = load_site_config(path)
     with pytest.raises(ConfigError, match=r"compute\.nproc") as exc:
         check_site_parallelism(cfg)
     assert str(path) in str(exc.value)
     check_site_parallelism(cfg, world_size=1)  # DP in one process is fine
-    check_site_parallelism(load_fl_site_config(_site_yaml(tmp_path, "h2", compute={"nproc": 2})))
+    check_site_parallelism(load_site_config(_site_yaml(tmp_path, "h2", compute={"nproc": 2})))
 
 
 def test_launcher_command_and_recipe_launch_choice(tmp_path, monkeypatch):
-    from fl_app.fl.site import ENV_SITE_CONFIG
+    from fl_app.config import ENV_SITE_CONFIG
     from fl_app.train import distributed as D
 
     assert D.launch_argv("custom/c.py", ["--x", "1"], 1, python="py") == [
@@ -295,18 +295,18 @@ def test_bf16_autocast_on_cuda():
 
 @pytest.mark.slow
 def test_simulator_site_with_two_processes_reports_its_whole_sample_count(tmp_path):
+    from fl_app.config import load_site_config, write_site_yaml
     from fl_app.fl.run import run_job
     from fl_app.fl.server import read_checkpoint
-    from fl_app.fl.site import load_fl_site_config, write_site_yaml
     from tests.test_fl_sim import make_sites
 
     prof, cfg_dir, clients = make_sites(tmp_path, n_sites=2, n_subjects=4)
     multi = clients[0]
     path = cfg_dir / f"{multi}.yaml"
-    cfg = load_fl_site_config(path)
+    cfg = load_site_config(path)
     write_site_yaml(
         path,
-        {"name": multi, "bids_dir": str(cfg.site.bids_dir), "cache_dir": str(cfg.site.cache_dir), "min_subjects": 2,
+        {"name": multi, "bids_dir": str(cfg.bids_dir), "cache_dir": str(cfg.cache_dir), "min_subjects": 2,
          "compute": {"device": "cpu", "num_threads": 1, "nproc": 2}},
     )  # fmt: skip
     run = tmp_path / "run"

@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fl_app.config import Profile
-from fl_app.fl.site import FLSiteConfig, find_site_config, load_fl_site_config
+from fl_app.config import Profile, SiteConfig, find_site_config, load_site_config
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ def run_client(description: str | None, rounds: Callable[..., int], argv: list[s
         D.shutdown()
 
 
-def planned_steps(args: argparse.Namespace, cfg: FLSiteConfig, loader_len: int) -> tuple[int | None, int]:
+def planned_steps(args: argparse.Namespace, cfg: SiteConfig, loader_len: int) -> tuple[int | None, int]:
     """``(max_steps for train_*_local, planned optimiser steps per round)`` after the site's caps."""
     max_steps = args.max_steps
     if cfg.training.max_steps_per_round:
@@ -98,15 +97,15 @@ def refusal_model(reason: str):
     return FLModel(params={}, params_type=ParamsType.DIFF, metrics={}, meta={"synthbrain_refused": reason})
 
 
-def resolve_site(site_name: str, args: argparse.Namespace) -> FLSiteConfig:
-    """The site's :class:`FLSiteConfig` (see :func:`fl_app.fl.site.find_site_config`)."""
+def resolve_site(site_name: str, args: argparse.Namespace) -> SiteConfig:
+    """The site's :class:`SiteConfig` (see :func:`fl_app.config.find_site_config`)."""
     path = find_site_config(site_name, args.site_config, args.site_config_dir)
-    cfg = load_fl_site_config(path)
+    cfg = load_site_config(path)
     log.info("site %s: config %s", site_name, path)
     return cfg
 
 
-def apply_compute(cfg: FLSiteConfig) -> torch.device:
+def apply_compute(cfg: SiteConfig) -> torch.device:
     """Apply the site's compute settings; returns the training device."""
     if cfg.compute.gpus:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in cfg.compute.gpus))
@@ -117,17 +116,17 @@ def apply_compute(cfg: FLSiteConfig) -> torch.device:
     return torch.device(cfg.compute.device)
 
 
-def open_site_dataset(cfg: FLSiteConfig, profile: Profile):
+def open_site_dataset(cfg: SiteConfig, profile: Profile):
     """The site's :class:`~fl_app.data.dataset.SiteDataset` (preprocessed once into its cache)."""
     from fl_app.data.cohort import read_cohort
     from fl_app.data.dataset import SiteDataset
 
-    cohort = read_cohort(cfg.site)
-    ds = SiteDataset(cohort.valid(), profile, cache_dir=cfg.site.cache_dir)
+    cohort = read_cohort(cfg)
+    ds = SiteDataset(cohort.valid(), profile, cache_dir=cfg.cache_dir)
     ds.skip_unreadable = True  # a file that stops reading mid-job is excluded, not fatal to the round
-    if len(ds) < cfg.site.min_subjects:
+    if len(ds) < cfg.min_subjects:
         raise RuntimeError(
-            f"site {cfg.name}: {len(ds)} usable subjects, fewer than its min_subjects ({cfg.site.min_subjects})"
+            f"site {cfg.name}: {len(ds)} usable subjects, fewer than its min_subjects ({cfg.min_subjects})"
         )
     log.info("site %s: %d subjects usable (%d skipped)", cfg.name, len(ds), ds.n_skipped)
     return ds

@@ -134,12 +134,10 @@ def privacy_report(
     sites = _site_from_history(histories)
     cfgs = []
     if site_config_dir is not None:
-        from fl_app.fl.site import load_fl_site_config
+        from fl_app.config import load_site_config
 
         cfgs = [
-            load_fl_site_config(p)
-            for p in sorted(Path(site_config_dir).glob("*.yaml"))
-            if p.stem != "project"
+            load_site_config(p) for p in sorted(Path(site_config_dir).glob("*.yaml")) if p.stem != "project"
         ]
     job_ids: dict[str, str] = {}
     for cfg in cfgs:

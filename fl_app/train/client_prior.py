@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from fl_app.fl.site import FLSiteConfig
+    from fl_app.config import SiteConfig
     from fl_app.train.distributed import DistContext
 
 log = logging.getLogger("synthbrain.client.prior")
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 def _rounds(
     flare: Any,
     args: argparse.Namespace,
-    cfg: FLSiteConfig,
+    cfg: SiteConfig,
     site_name: str,
     device: torch.device,
     dist_ctx: DistContext,
@@ -103,7 +103,7 @@ def _rounds(
                 vq_sum = state_checksum(vq_state)
                 vq_key = hashlib.sha256(repr(vq_sum).encode()).hexdigest()[:16]
                 dataset = open_site_dataset(cfg, profile)
-                cache = (cfg.site.cache_dir / "codes") if cfg.site.cache_dir else None
+                cache = (cfg.cache_dir / "codes") if cfg.cache_dir else None
                 codes = encode_codes(vqvae, dataset, cache, vq_key)
                 del vqvae
             codes = D.broadcast_object(codes)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from fl_app.fl.site import FLSiteConfig
+    from fl_app.config import SiteConfig
     from fl_app.train.distributed import DistContext
 
 log = logging.getLogger("synthbrain.client.vqvae")
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 def _rounds(
     flare: Any,
     args: argparse.Namespace,
-    cfg: FLSiteConfig,
+    cfg: SiteConfig,
     site_name: str,
     device: torch.device,
     dist_ctx: DistContext,

@@ -274,7 +274,7 @@ def check_site_parallelism(cfg: Any, world_size: int | None = None) -> None:
     """Refuse what several processes cannot do at a site: DP-SGD (``privacy.enabled``) with ``nproc`` > 1.
 
     Args:
-        cfg: the site's :class:`~fl_app.fl.site.FLSiteConfig`.
+        cfg: the site's :class:`~fl_app.config.SiteConfig`.
         world_size: processes actually running (default: the YAML's ``compute.nproc``).
     """
     from fl_app.config import ConfigError
@@ -303,14 +303,14 @@ def _site_name_from_bootstrap() -> str | None:
 def _site_config_for(script_args: list[str], site_name: str | None) -> Any:
     import argparse
 
-    from fl_app.fl.site import find_site_config, load_fl_site_config
+    from fl_app.config import find_site_config, load_site_config
 
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--site-config", default=None)
     p.add_argument("--site-config-dir", default=None)
     known, _ = p.parse_known_args(script_args)
     path = find_site_config(site_name or "", known.site_config, known.site_config_dir)
-    return load_fl_site_config(path)
+    return load_site_config(path)
 
 
 def _resolve_script(script: str) -> str:
@@ -347,13 +347,13 @@ def launch_argv(script: str, script_args: list[str], nproc: int, python: str | N
 
 
 def _max_nproc(site_config_dir: str | Path) -> int:
-    from fl_app.fl.site import load_fl_site_config
+    from fl_app.config import load_site_config
 
     n = 1
     for p in sorted(Path(site_config_dir).glob("*.yaml")):
         if p.stem == "project":
             continue
-        n = max(n, load_fl_site_config(p).compute.nproc)
+        n = max(n, load_site_config(p).compute.nproc)
     return n
 
 
