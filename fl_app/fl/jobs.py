@@ -1,8 +1,8 @@
 """The two synthbrain NVFlare jobs, built with NVFlare 2.9's recipe API (``FedAvgRecipe``).
 
-* ``vqvae``: FedAvg of the 3D VQ-VAE; client script :mod:`fl_app.train.client_vqvae`.
+* ``vqvae``: FedAvg of the 3D VQ-VAE; client :class:`fl_app.fl.client.VQVAETask`.
 * ``prior``: FedAvg of the conditional transformer prior over the codes of the first job's global
-  VQ-VAE (shipped frozen inside the global model); client script :mod:`fl_app.train.client_prior`.
+  VQ-VAE (shipped frozen inside the global model); client :class:`fl_app.fl.client.PriorTask`.
 
 Server side of both: :class:`fl_app.fl.server.SynthFedAvg` (FedAvg + resume) with
 :class:`fl_app.fl.server.SynthPersistor` (per-round checkpoint with the round number) and
