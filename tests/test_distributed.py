@@ -121,7 +121,7 @@ def _site_yaml(tmp_path: Path, name: str, **extra) -> Path:
 
 def test_site_compute_nproc_is_validated_and_dp_with_nproc_is_refused(tmp_path):
     from fl_app.config import load_site_config, site_config_from_dict
-    from fl_app.train.distributed import check_site_parallelism
+    from fl_app.fl.launcher import check_site_parallelism
 
     assert site_config_from_dict({"name": "a", "bids_dir": "x"}).compute.nproc == 1
     with pytest.raises(ConfigError, match=r"compute\.nproc"):
@@ -142,7 +142,7 @@ def test_site_compute_nproc_is_validated_and_dp_with_nproc_is_refused(tmp_path):
 
 def test_launcher_command_and_recipe_launch_choice(tmp_path, monkeypatch):
     from fl_app.config import ENV_SITE_CONFIG
-    from fl_app.train import distributed as D
+    from fl_app.fl import launcher as D
 
     assert D.launch_argv("custom/c.py", ["--x", "1"], 1, python="py") == [
         "py",
@@ -161,7 +161,7 @@ def test_launcher_command_and_recipe_launch_choice(tmp_path, monkeypatch):
 
     # POC / production: the sites' YAMLs are private, so always the site launcher, with the sites' python3
     prod = D.recipe_launch_args(None)
-    assert prod == {"launch_external_process": True, "command": "python3 -u -m fl_app.train.distributed"}
+    assert prod == {"launch_external_process": True, "command": "python3 -u -m fl_app.fl.launcher"}
     _site_yaml(tmp_path, "s1")
     _site_yaml(tmp_path, "s2", compute={"nproc": 1})
     assert D.recipe_launch_args(tmp_path / "sites") == {"launch_external_process": False}

@@ -85,6 +85,7 @@ def main(kind: str, argv: list[str] | None = None) -> int:
     run :func:`client_rounds` with the job's :class:`Task` and leave the group."""
     import nvflare.client as flare
 
+    from fl_app.fl.launcher import check_site_parallelism
     from fl_app.train import distributed as D
 
     args = add_common_client_args(argparse.ArgumentParser(description=__doc__)).parse_args(argv)
@@ -94,7 +95,7 @@ def main(kind: str, argv: list[str] | None = None) -> int:
     device = apply_compute(cfg)
     dist_ctx, device = D.init_from_env(device)
     try:
-        D.check_site_parallelism(cfg, dist_ctx.world_size)
+        check_site_parallelism(cfg, dist_ctx.world_size)
         return client_rounds(flare, TASKS[kind](args, cfg, device, dist_ctx.is_main), args, cfg, site_name)
     finally:
         D.shutdown()

@@ -21,9 +21,9 @@ from nvflare.apis.dxo import DataKind
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe as PTFedAvgRecipe
 from nvflare.recipe.utils import add_experiment_tracking
 
+from fl_app.fl.launcher import recipe_launch_args
 from fl_app.fl.server import SynthFedAvg, SynthPersistor
 from fl_app.privacy.aggregation import DEFAULT_STRATEGY, SynthAggregator
-from fl_app.train.distributed import recipe_launch_args
 
 _JOBS = Path(__file__).resolve().parents[2] / "jobs"
 """``jobs/`` of the source tree: flat client entry points (``client_vqvae.py``, ``client_prior.py``)."""
@@ -165,7 +165,7 @@ def build_recipe(
         aggregator=SynthAggregator(spec.strategy_path, spec.strategy_args or None),
         aggregator_data_kind=DataKind.WEIGHT_DIFF,
         # in-process, or NVFlare's external launch of the synthbrain site launcher, which runs the script
-        # with each site's own compute.nproc (torchrun when > 1): see fl_app.train.distributed
+        # with each site's own compute.nproc (torchrun when > 1): see fl_app.fl.launcher
         **recipe_launch_args(spec.site_config_dir),
     )
     # fl_app is installed at every site (the consortium's package): never copy it into the job.
