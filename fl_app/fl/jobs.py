@@ -6,7 +6,7 @@
 
 Server side of both: :class:`fl_app.fl.server.SynthFedAvg` (FedAvg + resume) with
 :class:`fl_app.fl.server.SynthPersistor` (per-round checkpoint with the round number) and
-:class:`fl_app.privacy.aggregation.SynthAggregator` (sample-weighted FedAvg by default; the
+:class:`fl_app.fl.server.SynthAggregator` (sample-weighted FedAvg by default; the
 ``strategy_path`` / ``strategy_args`` pair selects another strategy, e.g. DP-FedAvg). Client metrics go
 to TensorBoard on the server (NVFlare tracking).
 """
@@ -22,8 +22,8 @@ from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe as PTFedAvgRecipe
 from nvflare.recipe.utils import add_experiment_tracking
 
 from fl_app.fl.launcher import recipe_launch_args
-from fl_app.fl.server import SynthFedAvg, SynthPersistor
-from fl_app.privacy.aggregation import DEFAULT_STRATEGY, SynthAggregator
+from fl_app.fl.server import SynthAggregator, SynthFedAvg, SynthPersistor
+from fl_app.privacy.aggregation import DEFAULT_STRATEGY
 
 _JOBS = Path(__file__).resolve().parents[2] / "jobs"
 """``jobs/`` of the source tree: flat client entry points (``client_vqvae.py``, ``client_prior.py``)."""
@@ -137,7 +137,7 @@ def build_recipe(
     """The NVFlare recipe of one synthbrain job (run it with ``recipe.run(env)`` or ``recipe.export``).
 
     ``result_filters`` / ``data_filters``: NVFlare ``Filter`` objects added to every client for outgoing
-    task results / incoming task data of the ``train`` task (e.g. :class:`fl_app.privacy.audit.ResultAuditFilter`).
+    task results / incoming task data of the ``train`` task (e.g. :class:`fl_app.fl.leak_audit.ResultAuditFilter`).
     """
     if spec.kind not in CLIENT_SCRIPTS:
         raise ValueError(f"job kind must be one of {sorted(CLIENT_SCRIPTS)}, got {spec.kind!r}")

@@ -161,7 +161,7 @@ class SiteDP:
             self.cfg.name, self.job, sigma, self.p.max_grad_norm, self.sample_rate, self.steps_per_round,
             self.planned_rounds, self.target_epsilon, self.p.delta,
         )  # fmt: skip
-        from fl_app.privacy.audit import audit_dir, enable_optimizer_audit
+        from fl_app.fl.leak_audit import audit_dir, enable_optimizer_audit
 
         if audit_dir():  # leak-audit mode (tests): record the released gradients of every DP step
             self._audit = enable_optimizer_audit(out[1], named, Path(audit_dir()) / self.cfg.name / self.job)
