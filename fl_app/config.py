@@ -112,7 +112,7 @@ class VQVAESection(_Strict):
     quantiser: Literal["ema", "loss"] = Field(
         "loss",
         description="'ema' = MONAI's EMA codebook; 'loss' = learned through the loss (DP-safe; "
-        "always used under DP).",
+        "required by a site running DP-SGD, which refuses 'ema').",
     )
     joint_labels: bool = Field(True, description="Encode the tissue label map with the image.")
     label_weight: float = Field(1.0, ge=0.0, description="Weight of the label cross-entropy term.")

@@ -126,7 +126,7 @@ class Task:
     def batch_size(self, profile: Profile) -> int:
         return self.cfg.training.batch_size or self.args.batch_size or profile.train.batch_size
 
-    def setup(self, params: Mapping[str, Any] | None, profile: Profile, meta: dict, rnd: int) -> None:
+    def setup(self, params: Mapping[str, Any] | None, profile: Profile, rnd: int) -> None:
         raise NotImplementedError
 
     def net(self) -> torch.nn.Module:
@@ -146,7 +146,7 @@ class Task:
 class VQVAETask(Task):
     kind = "vqvae"
 
-    def setup(self, params: Mapping[str, Any] | None, profile: Profile, meta: dict, rnd: int) -> None:
+    def setup(self, params: Mapping[str, Any] | None, profile: Profile, rnd: int) -> None:
         from fl_app.data.dataset import make_loaders
         from fl_app.models.vqvae import build_vqvae
         from fl_app.train import distributed as D
@@ -159,12 +159,7 @@ class VQVAETask(Task):
         train_part, self.val_loader = make_loaders(self.dataset, bs, profile.train.val_fraction, args.seed)
         self.n_train, self.n_val = len(train_part.dataset), len(self.val_loader.dataset)
         self.train_loader = make_vqvae_loader(train_part.dataset, bs, shuffle=True, seed=args.seed + rnd)
-        if cfg.privacy.enabled and not meta.get("dp", False):
-            raise RuntimeError(
-                f"site {cfg.name} runs local DP (privacy.enabled) but the job's VQ-VAE is not the "
-                "DP-compatible one: the consortium must run the job with DP (--dp / --dp-model)"
-            )
-        self.model = build_vqvae(profile, dp=bool(meta.get("dp", False)))
+        self.model = build_vqvae(profile, dp=cfg.privacy.enabled)  # DP-SGD refuses a quantiser not DP-safe
         self.optimizer = make_optimizer(self.model, profile, args.lr)
 
     def net(self) -> torch.nn.Module:
@@ -213,7 +208,7 @@ class PriorTask(Task):
         super().__init__(*args, **kwargs)
         self.exclude_prefix = FROZEN_PREFIX
 
-    def setup(self, params: Mapping[str, Any] | None, profile: Profile, meta: dict, rnd: int) -> None:
+    def setup(self, params: Mapping[str, Any] | None, profile: Profile, rnd: int) -> None:
         from fl_app.data.dataset import split_indices
         from fl_app.models.prior import build_prior
         from fl_app.models.vqvae import build_vqvae
@@ -226,7 +221,7 @@ class PriorTask(Task):
             vq_state = to_state_dict(params or {}, prefix=self.exclude_prefix or "")
             if not vq_state:
                 raise RuntimeError("the prior job's global model carries no VQ-VAE (vqvae.* weights)")
-            vqvae = build_vqvae(profile, dp=bool(meta.get("dp", False)))
+            vqvae = build_vqvae(profile)  # frozen: only encodes; the profile names its quantiser
             vqvae.load_state_dict(vq_state)
             vqvae.to(self.device).eval()
             self.vq_sum = state_checksum(vq_state)
@@ -305,7 +300,7 @@ def client_rounds(flare: Any, task: Task, args: argparse.Namespace, cfg: SiteCon
         rnd = int(msg["round"] or 0)
         profile = profile_from_dict(msg["meta"]["profile"], source="global model")
         if task.model is None:
-            task.setup(in_model.params if main_rank else None, profile, msg["meta"], rnd)
+            task.setup(in_model.params if main_rank else None, profile, rnd)
             max_steps, steps_per_round = planned_steps(args, cfg, len(task.train_loader))
             if cfg.privacy.enabled:
                 dp = SiteDP(cfg, flare.get_job_id(), task.kind, args.rounds, args.dp_epsilon, args.run)

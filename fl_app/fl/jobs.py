@@ -84,7 +84,7 @@ class JobSpec:
         site_config_dir: folder of ``<site>.yaml`` visible to the clients (simulator / POC); None =
             every client reads ``$SYNTHBRAIN_SITE_CONFIG`` (production).
         local_epochs, max_steps, batch_size, lr: local work per round.
-        dp: build the DP-compatible VQ-VAE.
+        dp: the job is for sites running DP-SGD: the server refuses a VQ-VAE quantiser that is not DP-safe.
         dp_epsilon: target ε of this job at each site running local DP-SGD (the site's YAML decides
             whether DP is on, and its ``epsilon_budget`` caps the total; None: the site's ``job_epsilon``).
         run_name: run name recorded in the sites' privacy ledgers.

@@ -77,7 +77,7 @@ def run_job(
     ``"prod"`` (submit through an admin startup kit; sites read their own ``$SYNTHBRAIN_SITE_CONFIG``).
 
     DP: ``dp_epsilon`` is the ε this job asks each site running local DP-SGD to spend (the sites' YAMLs
-    turn DP on and cap the total); it implies ``dp`` (DP-compatible VQ-VAE). Server-side DP-FedAvg is the
+    turn DP on and cap the total); it implies ``dp`` (a DP-safe VQ-VAE quantiser is required). Server-side DP-FedAvg is the
     strategy ``fl_app.privacy.dp_fedavg.DPFedAvgStrategy``.
     """
     from fl_app.fl.jobs import JobSpec, build_recipe
@@ -349,7 +349,11 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dp-model", action="store_true", help="DP-compatible VQ-VAE (sites run DP-SGD)")
+    p.add_argument(
+        "--dp-model",
+        action="store_true",
+        help="sites run DP-SGD: refuse a VQ-VAE quantiser that is not DP-safe (vqvae.quantiser)",
+    )
     p.add_argument(
         "--dp-epsilon",
         type=float,

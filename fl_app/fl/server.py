@@ -76,7 +76,7 @@ def build_initial_state(
     Args:
         model_kind: ``"vqvae"`` or ``"prior"``.
         profile: resolved profile dict (``Profile.model_dump(mode="json")``).
-        dp: build the DP-compatible VQ-VAE (loss-learned codebook).
+        dp: the job is for sites running DP-SGD: refuse a VQ-VAE quantiser that is not DP-safe.
         frozen_vqvae: prior job only: the global VQ-VAE file of the first job (``global_vqvae.pt``).
         seed: torch seed of the initialisation.
 
@@ -109,9 +109,7 @@ def build_initial_state(
         prior = build_prior(prof)
         params = _to_numpy(prior.state_dict())
         params.update({FROZEN_PREFIX + k: v for k, v in _to_numpy(vq.state_dict()).items()})
-        out = prof.model_dump(mode="json")
-        out["_vqvae_dp"] = bool(vq.dp)
-        return params, out
+        return params, prof.model_dump(mode="json")
     raise ValueError(f"model_kind must be 'vqvae' or 'prior', got {model_kind!r}")
 
 
@@ -202,9 +200,14 @@ class SynthPersistor(ModelPersistor):
         if frozen and not Path(frozen).is_absolute():
             frozen = str(Path(os.getcwd()) / frozen)
         params, profile = build_initial_state(self.model_kind, self.profile, self.dp, frozen, self.seed)
-        dp = bool(profile.pop("_vqvae_dp", self.dp))
         self.log_info(fl_ctx, f"initial {self.model_kind} model: {len(params)} tensors")
-        meta = {"last_round": -1, "history": [], "profile": profile, "model_kind": self.model_kind, "dp": dp}
+        meta = {
+            "last_round": -1,
+            "history": [],
+            "profile": profile,
+            "model_kind": self.model_kind,
+            "dp": self.dp,
+        }
         return make_model_learnable(params, meta)
 
     def save_model(self, model: ModelLearnable, fl_ctx: FLContext) -> None:

@@ -9,8 +9,9 @@ decoder outputs the image plus 4 label logits. *Image-only* mode: 1 channel in, 
 
 Quantiser modes: ``"ema"`` is MONAI's EMA codebook (buffers updated in ``forward`` from raw batch
 statistics); ``"loss"`` is :class:`fl_app.models.quantizer.LossQuantizer` (codebook learned through
-the loss). ``build_vqvae(..., dp=True)`` always uses ``"loss"``, so that every exported tensor is a
-parameter updated only by the (DP) optimiser.
+the loss). The profile's ``vqvae.quantiser`` chooses; ``build_vqvae(..., dp=True)`` (a model for DP-SGD)
+refuses a quantiser with data-dependent state (``"ema"``), so that every exported tensor is a parameter
+updated only by the (DP) optimiser.
 
 Public API::
 
@@ -32,7 +33,7 @@ from monai.networks.layers.vector_quantizer import EMAQuantizer, VectorQuantizer
 from monai.networks.nets import VQVAE
 from torch import nn
 
-from fl_app.config import TISSUE_LABELS, Profile, profile_from_dict
+from fl_app.config import TISSUE_LABELS, ConfigError, Profile, profile_from_dict
 from fl_app.models.quantizer import LossQuantizer
 
 __all__ = [
@@ -59,7 +60,7 @@ class SynthVQVAE(nn.Module):
         net: the MONAI VQVAE (``net.encoder``, ``net.quantizer.quantizer``, ``net.decoder``).
         joint: input = image + one-hot labels, output = image + label logits.
         quantiser: ``"ema"`` or ``"loss"``.
-        dp: built for differentially private training (implies ``quantiser == "loss"``).
+        dp: built for differentially private training (its quantiser has no data-dependent state).
         num_embeddings, embedding_dim, downsample_factor: codebook size K, code dimension D, f.
     """
 
@@ -129,14 +130,15 @@ def build_vqvae(profile: Profile, joint: bool | None = None, dp: bool = False) -
     Args:
         profile: the consortium profile (``profile.vqvae`` fixes channels, levels, codebook).
         joint: image + tissue labels (default: ``profile.vqvae.joint_labels``); False = image only.
-        dp: build for DP-SGD: forces the loss-learned codebook (no data-dependent buffers).
+        dp: build for DP-SGD: refuse (:class:`~fl_app.config.ConfigError`) a quantiser with data-dependent
+            buffers, e.g. MONAI's EMA codebook; the quantiser itself is always ``profile.vqvae.quantiser``.
 
     Returns:
         :class:`SynthVQVAE` whose code grid is ``profile.code_shape``.
     """
     cfg = profile.vqvae
     joint = cfg.joint_labels if joint is None else bool(joint)
-    quantiser = "loss" if dp else cfg.quantiser
+    quantiser = cfg.quantiser
     n_levels = len(cfg.channels)
     channels_io = 1 + (NUM_TISSUE_CLASSES if joint else 0)
     net = VQVAE(
@@ -171,6 +173,11 @@ def build_vqvae(profile: Profile, joint: bool | None = None, dp: bool = False) -
         )
     else:
         assert isinstance(net.quantizer.quantizer, EMAQuantizer)
+    if dp and any(True for _ in net.quantizer.buffers()):
+        raise ConfigError(
+            f"vqvae.quantiser: {quantiser!r} is not DP-safe (its codebook moves with batch statistics, outside "
+            "the DP optimiser); a site running DP-SGD needs a DP-safe quantiser, e.g. vqvae.quantiser: loss"
+        )
     return SynthVQVAE(net, joint=joint, quantiser=quantiser, dp=dp, downsample_factor=cfg.downsample_factor)
 
 
@@ -314,8 +321,9 @@ def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a synthbrain VQ-VAE checkpoint")
     profile = profile_from_dict(payload["profile"], source=str(path))
-    if payload["quantiser"] == "loss" and not payload["dp"]:
-        profile = profile.model_copy(update={"vqvae": profile.vqvae.model_copy(update={"quantiser": "loss"})})
+    if payload["quantiser"] != profile.vqvae.quantiser:  # older DP checkpoints: the profile named another
+        vq = profile.vqvae.model_copy(update={"quantiser": payload["quantiser"]})
+        profile = profile.model_copy(update={"vqvae": vq})
     model = build_vqvae(profile, joint=payload["joint"], dp=payload["dp"])
     if model.quantiser != payload["quantiser"]:
         raise ValueError(f"{path}: quantiser {payload['quantiser']!r} does not match the rebuilt model")

@@ -4,7 +4,7 @@
 weights), a loader of :class:`fl_app.data.dataset.SiteDataset` batches and an optimiser; it returns a
 metrics dict. With an Opacus ``DPOptimizer`` (``PrivacyEngine.make_private``) it runs DP-SGD:
 
-* the model must use the loss-learned codebook (``build_vqvae(..., dp=True)``), so every exported
+* the model's quantiser must be DP-safe (``build_vqvae(..., dp=True)`` checks it), so every exported
   tensor is a parameter changed only by the clipped, noised optimiser step;
 * dead-code restarts (which copy local encoder outputs into the codebook) and the adversarial term
   (whose discriminator would see raw data outside DP) are refused;
@@ -235,9 +235,10 @@ def train_vqvae_local(
     ddp = D.is_distributed()
     if ddp and dp:
         raise ValueError("DP-SGD runs in one process only: a DP site must train with compute.nproc: 1")
-    if dp and m.quantiser != "loss":
+    if dp and any(True for _ in m.codebook.buffers()):
         raise ValueError(
-            "DP training needs the loss-learned codebook: build the model with build_vqvae(profile, dp=True)"
+            "DP training needs a DP-safe quantiser (e.g. the loss-learned codebook, vqvae.quantiser: loss), "
+            f"not {m.quantiser!r}: build the model with build_vqvae(profile, dp=True)"
         )
     use_adv = discriminator is not None and vq.adv_weight > 0
     if use_adv and dp:
