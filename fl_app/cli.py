@@ -103,7 +103,7 @@ COMMAND_MODULES: list[tuple[str, str]] = [
     ("fl_app.demo", "add_demo_parser"),
     ("fl_app.data.simulate", "add_simulate_parser"),
     ("fl_app.fl.run", "add_fl_parser"),
-    ("fl_app.generate.cohort", "add_sample_parser"),
+    ("fl_app.generate.sample_cohort", "add_sample_parser"),
     ("fl_app.evaluate.fidelity", "add_evaluate_parser"),
     ("fl_app.evaluate.audit", "add_audit_parser"),
     ("fl_app.privacy.report", "add_privacy_parser"),

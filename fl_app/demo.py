@@ -29,9 +29,10 @@ def sample_cohort(global_dir: Path, out_dir: Path, n: int, seed: int = 0) -> lis
     montages and HTML report into ``out_dir``; returns the participant rows.
     """
     from fl_app.data.covariates import DIAGNOSES, SEXES
-    from fl_app.generate.cohort import CohortRow, load_global_model
-    from fl_app.generate.cohort import sample_cohort as write_cohort
+    from fl_app.generate.cohort_folder import CohortRow
     from fl_app.generate.qc import write_qc
+    from fl_app.generate.sample_cohort import sample_cohort as write_cohort
+    from fl_app.global_model import load_global_model
 
     gm = load_global_model(global_dir, device="cpu")
     ages = [55.0 + 30.0 * i / (n - 1) for i in range(n)] if n > 1 else [70.0]
