@@ -500,5 +500,29 @@ def find_site_config(
     )
 
 
+def parse_overrides(items: list[str] | None, sections: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """``--set`` values ``["vqvae.num_embeddings=512", ...]`` -> nested override dict (values parsed as YAML);
+    ``sections``: the top-level keys that may be changed (None: any)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, val = item.split("=", 1)
+        node = out
+        parts = key.split(".")
+        if sections is not None and parts[0] not in sections:
+            raise ValueError(f"--set may change {', '.join(s + '.*' for s in sections)} only: {key}")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        parsed = yaml.safe_load(val)
+        if isinstance(parsed, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        node[parts[-1]] = parsed
+    return out
+
+
 def profile_to_yaml(profile: Profile) -> str:
     return yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False)

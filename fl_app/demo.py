@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fl_app.run_layout import RunLayout
+
 log = logging.getLogger(__name__)
 
 __all__ = ["add_demo_parser", "run_demo", "sample_cohort"]
@@ -197,7 +199,7 @@ def run_demo(
     run_job("vqvae", "sim", out, num_rounds=vqvae_rounds, max_steps=vqvae_steps, **common)
     timings["vqvae_job"] = time.perf_counter() - t
     t = time.perf_counter()
-    final_vqvae = final_vqvae_on_sites(out / "fl" / "vqvae" / "global_vqvae.pt", cfg_dir, clients)
+    final_vqvae = final_vqvae_on_sites(RunLayout(out).global_file("vqvae"), cfg_dir, clients)
     print(
         "      final global VQ-VAE on the sites' validation splits: "
         + ", ".join(f"{c} {m['psnr_db']:.1f} dB" for c, m in final_vqvae.items()),

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fl_app import __version__
+from fl_app.run_layout import JOBS, RunLayout
 
 if TYPE_CHECKING:
     import torch
@@ -103,10 +104,10 @@ def model_card(run_dir: str | Path) -> dict[str, Any]:
         "jobs": {},
     }
     for kind in ("vqvae", "prior"):
-        ck = read_checkpoint(run_dir / "fl" / kind)
+        ck = read_checkpoint(RunLayout(run_dir).job_dir(kind))
         if ck is None:
             continue
-        jf = run_dir / f"job_{kind}.json"
+        jf = RunLayout(run_dir).job_settings(kind)
         job = json.loads(jf.read_text()) if jf.exists() else None
         card["jobs"][kind] = _job_summary(ck, job)
     sites: dict[str, Any] = {}
@@ -128,12 +129,12 @@ def model_card(run_dir: str | Path) -> dict[str, Any]:
 
 def write_global_model(run_dir: str | Path, bundle: bool = True) -> Path:
     """Assemble ``run_dir/global/`` from the jobs' checkpoints (and export the MONAI bundle)."""
-    run_dir = Path(run_dir)
-    gdir = run_dir / "global"
+    run = RunLayout(run_dir)
+    gdir = run.global_dir
     gdir.mkdir(parents=True, exist_ok=True)
     found = False
-    for kind in ("vqvae", "prior"):
-        src = run_dir / "fl" / kind / f"global_{kind}.pt"
+    for kind in JOBS:
+        src = run.global_file(kind)
         if src.exists():
             shutil.copy2(src, gdir / f"{kind}.pt")
             found = True
@@ -150,7 +151,7 @@ def write_global_model(run_dir: str | Path, bundle: bool = True) -> Path:
     (gdir / "profile.yaml").write_text(profile_to_yaml(prof))
     jobs = {}
     for kind in ("vqvae", "prior"):
-        jf = run_dir / f"job_{kind}.json"
+        jf = RunLayout(run_dir).job_settings(kind)
         if jf.exists():
             jobs[kind] = json.loads(jf.read_text())
     (gdir / "jobs.json").write_text(json.dumps(jobs, indent=2, default=str))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_app.config import load_profile
+from fl_app.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +86,12 @@ def run_job(
 
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    # prod: relative to the server's workspace (the admin's machine is not the server)
+    server = RunLayout(run_dir) if env != "prod" else RunLayout.server(run_dir.name)
     if checkpoint_dir is None:
-        # prod: relative to the server's workspace (the admin's machine is not the server)
-        checkpoint_dir = str(run_dir / "fl" / kind) if env != "prod" else f"synthbrain/{run_dir.name}/{kind}"
+        checkpoint_dir = str(server.job_dir(kind))
     if kind == "prior" and frozen_vqvae is None:
-        frozen_vqvae = (
-            str(run_dir / "fl" / "vqvae" / "global_vqvae.pt")
-            if env != "prod"
-            else f"synthbrain/{run_dir.name}/vqvae/global_vqvae.pt"
-        )
+        frozen_vqvae = str(server.global_file("vqvae"))
     spec = JobSpec(
         kind=kind,
         profile=profile,
@@ -118,7 +116,7 @@ def run_job(
         name=f"synthbrain-{kind}",
     )
     recipe = build_recipe(spec, result_filters, data_filters)
-    (run_dir / f"job_{kind}.json").write_text(
+    (RunLayout(run_dir).job_settings(kind)).write_text(
         json.dumps({**spec.__dict__, "env": env}, indent=2, default=str)
     )
     t0 = time.perf_counter()
@@ -181,7 +179,7 @@ def run_job(
 
 
 def _profile_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    from fl_app.train.vqvae_local import parse_overrides
+    from fl_app.config import parse_overrides
 
     return load_profile(args.profile, parse_overrides(args.set)).model_dump(mode="json")
 
@@ -250,9 +248,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         min_sites=args.min_sites,
         round_timeout=args.round_timeout,
         memory_gc_rounds=args.memory_gc_rounds,
-        checkpoint_dir=args.checkpoint_dir or f"synthbrain/{args.run}/{args.job}",
+        checkpoint_dir=args.checkpoint_dir or str(RunLayout.server(args.run).job_dir(args.job)),
         frozen_vqvae=args.vqvae
-        or (f"synthbrain/{args.run}/vqvae/global_vqvae.pt" if args.job == "prior" else ""),
+        or (str(RunLayout.server(args.run).global_file("vqvae")) if args.job == "prior" else ""),
         local_epochs=args.local_epochs,
         max_steps=args.max_steps,
         batch_size=args.batch_size,

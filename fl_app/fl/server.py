@@ -42,6 +42,7 @@ from fl_app.privacy.aggregation import (
     load_strategy,
     weighted_metrics,
 )
+from fl_app.run_layout import global_file_name
 
 log = logging.getLogger(__name__)
 
@@ -237,21 +238,21 @@ class SynthPersistor(ModelPersistor):
 
         prof = profile_from_dict(payload["profile"], source="checkpoint profile")
         extra = {"round": payload["round"], "federated": True}
+        tmp = ckpt_dir / (global_file_name(self.model_kind) + ".tmp")
         params = payload["params"]
         if self.model_kind == "vqvae":
             from fl_app.models.vqvae import build_vqvae, save_vqvae
 
             m = build_vqvae(prof, dp=payload["dp"])
             m.load_state_dict(params)
-            save_vqvae(m, prof, ckpt_dir / "global_vqvae.pt.tmp", extra=extra)
-            os.replace(ckpt_dir / "global_vqvae.pt.tmp", ckpt_dir / "global_vqvae.pt")
+            save_vqvae(m, prof, tmp, extra=extra)
         else:
             from fl_app.models.prior import build_prior, save_prior
 
             m = build_prior(prof)
             m.load_state_dict({k: v for k, v in params.items() if not k.startswith(FROZEN_PREFIX)})
-            save_prior(m, prof, ckpt_dir / "global_prior.pt.tmp", extra=extra)
-            os.replace(ckpt_dir / "global_prior.pt.tmp", ckpt_dir / "global_prior.pt")
+            save_prior(m, prof, tmp, extra=extra)
+        os.replace(tmp, ckpt_dir / global_file_name(self.model_kind))
 
 
 def _to_numpy_dict(params: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -23,7 +23,6 @@ Public API::
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from torch import nn
 
 from fl_app.config import TISSUE_LABELS, ConfigError, Profile, profile_from_dict
 from fl_app.models.quantizer import LossQuantizer
+from fl_app.train.common import autocast
 
 __all__ = [
     "NUM_TISSUE_CLASSES",
@@ -212,12 +212,6 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _autocast(device: torch.device, amp: bool):
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp)
-
-
 @torch.no_grad()
 def encode(
     model: nn.Module,
@@ -247,7 +241,7 @@ def encode(
         for s in range(0, image.shape[0], batch_size):
             img = image[s : s + batch_size].to(dev, torch.float32)
             lab = None if label is None else label[s : s + batch_size].to(dev)
-            with _autocast(dev, amp):
+            with autocast(dev, amp):
                 out.append(m.encode_indices(make_input(img, lab, m.joint)))
         codes = torch.cat(out) if out else torch.empty(0, dtype=torch.long)
     finally:
@@ -282,7 +276,7 @@ def decode(
     try:
         outs = []
         for s in range(0, codes.shape[0], batch_size):
-            with _autocast(dev, amp):
+            with autocast(dev, amp):
                 outs.append(m.decode_indices(codes[s : s + batch_size].to(dev).long()).float())
         out = torch.cat(outs).to(codes.device)
     finally:

@@ -438,32 +438,13 @@ def encode_codes(
 # --------------------------------------------------------------------------- CLI: train-local prior
 
 
-def _parse_set(items: list[str] | None) -> dict[str, Any]:
-    """``["prior.n_layers=2", ...]`` -> nested override dict (values parsed as YAML)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, val = item.split("=", 1)
-        parts = key.split(".")
-        if parts[0] not in ("prior", "train"):
-            raise ValueError(f"--set may change prior.* and train.* only (the VQ-VAE fixes the rest): {key}")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(val)
-    return out
-
-
 def _vqvae_file(path: Path) -> Path:
     return path / "vqvae.pt" if path.is_dir() else path
 
 
 def run_train_local_prior(args: argparse.Namespace) -> int:
     """``synthbrain train-local prior``: encode the sites with a VQ-VAE and train the prior centrally."""
-    from fl_app.config import profile_from_dict
+    from fl_app.config import parse_overrides, profile_from_dict
     from fl_app.data.cohort import read_bids
     from fl_app.data.dataset import SiteDataset, split_indices
     from fl_app.models.vqvae import load_vqvae
@@ -474,7 +455,7 @@ def run_train_local_prior(args: argparse.Namespace) -> int:
         return 2
     dev = resolve_device(args.device)
     vqvae, vq_profile = load_vqvae(vq_path, map_location=dev)
-    overrides = _parse_set(args.set)
+    overrides = parse_overrides(args.set, sections=("prior", "train"))  # the VQ-VAE fixes the rest
     if args.unconditional:
         overrides.setdefault("prior", {})["cond_dropout"] = 1.0
     base = vq_profile.model_dump(mode="json")

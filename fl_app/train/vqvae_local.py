@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 
-from fl_app.config import Profile, VQVAESection, load_profile, profile_to_yaml
+from fl_app.config import Profile, VQVAESection, load_profile, parse_overrides, profile_to_yaml
 from fl_app.evaluate import metrics as M
 from fl_app.models.quantizer import codebook_usage, restart_dead_codes
 from fl_app.models.vqvae import SynthVQVAE, build_vqvae, make_input, save_vqvae, unwrap
@@ -73,7 +73,6 @@ __all__ = [
     "evaluate_vqvae",
     "make_optimizer",
     "make_vqvae_loader",
-    "parse_overrides",
     "train_vqvae_local",
     "vqvae_collate",
     "vqvae_loss",
@@ -473,29 +472,6 @@ def evaluate_vqvae(
 
 
 # --------------------------------------------------------------------------- CLI: train-local vqvae
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["vqvae.num_embeddings=512", ...]`` -> nested override dict (values parsed as YAML)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, val = item.split("=", 1)
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        parsed = yaml.safe_load(val)
-        if isinstance(parsed, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                parsed = float(parsed)
-            except ValueError:
-                pass
-        node[parts[-1]] = parsed
-    return out
 
 
 def run_train_local_vqvae(args: argparse.Namespace) -> int:
