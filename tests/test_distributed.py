@@ -229,7 +229,7 @@ def test_two_processes_match_one_process_on_the_union_of_their_batches(tmp_path)
 def test_full_1mm_amp_setting_reaches_both_training_loops(monkeypatch):
     from fl_app.models.prior import build_prior
     from fl_app.models.vqvae import build_vqvae, encode
-    from fl_app.train import common, prior_local, vqvae_local
+    from fl_app.train import common
     from fl_app.train.prior_local import CodeDataset, make_prior_loader, train_prior_local
     from fl_app.train.vqvae_local import make_optimizer, make_vqvae_loader, train_vqvae_local
 
@@ -240,9 +240,11 @@ def test_full_1mm_amp_setting_reaches_both_training_loops(monkeypatch):
     assert prof.train.amp == "bf16"
     seen: list[tuple[str, str, bool]] = []
 
+    real_autocast = common.autocast  # the shared training loop's (fl_app.train.common.train_loop)
+
     def spy(where: str):
         def _autocast(device: torch.device, amp):
-            ctx = common.autocast(device, amp)
+            ctx = real_autocast(device, amp)
 
             class _Probe:
                 def __enter__(self):
@@ -256,8 +258,7 @@ def test_full_1mm_amp_setting_reaches_both_training_loops(monkeypatch):
 
         return _autocast
 
-    monkeypatch.setattr(vqvae_local, "autocast", spy("vqvae"))
-    monkeypatch.setattr(prior_local, "autocast", spy("prior"))
+    monkeypatch.setattr(common, "autocast", spy("vqvae"))
     torch.manual_seed(0)
     items = [{k: v[..., :16, :16, :] if v.dim() else v for k, v in it.items()} for it in _volumes(2)]
     vq = build_vqvae(prof)
@@ -272,6 +273,7 @@ def test_full_1mm_amp_setting_reaches_both_training_loops(monkeypatch):
     assert tuple(codes.shape[1:]) == tuple(prof.code_shape)
     ds = CodeDataset(codes, torch.tensor([70.0, 50.0]), torch.tensor([0, 1]), torch.tensor([0, 1]))
     prior = build_prior(prof)
+    monkeypatch.setattr(common, "autocast", spy("prior"))
     res_p = train_prior_local(prior, make_prior_loader(ds, 2, True), prof, max_steps=1, amp=prof.train.amp)
     assert torch.isfinite(torch.tensor(res_p["final"]["loss"]))
     # the profile's setting reached both loops; on CPU it is deliberately a no-op (no CPU bf16 autocast)
