@@ -104,8 +104,10 @@ def main(kind: str, argv: list[str] | None = None) -> int:
 class Task:
     """The per-model part of a client round: set up (data, model, optimiser), evaluate, train, metrics.
 
-    :meth:`setup` fills ``model``, ``optimizer``, ``train_loader``, ``val_loader`` (None: no validation),
-    ``dataset`` (the site's volumes, rank 0) and ``n_train``/``n_val`` (subjects).
+    :meth:`setup` (on the first round; ``params``: the received weights, rank 0) fills ``model``, ``optimizer``,
+    ``train_loader``, ``val_loader`` (None: no validation), ``dataset`` (the site's volumes, rank 0) and
+    ``n_train``/``n_val`` (subjects); :meth:`net` is the bare model inside any DP/DDP wrapper; :meth:`metrics`
+    returns ``(metrics, the site's training-sample count)`` of one round.
     """
 
     kind = ""
@@ -126,21 +128,13 @@ class Task:
     def batch_size(self, profile: Profile) -> int:
         return self.cfg.training.batch_size or self.args.batch_size or profile.train.batch_size
 
-    def setup(self, params: Mapping[str, Any] | None, profile: Profile, rnd: int) -> None:
-        raise NotImplementedError
-
-    def net(self) -> torch.nn.Module:
-        raise NotImplementedError
-
-    def evaluate(self) -> dict[str, float]:
-        raise NotImplementedError
-
-    def train(self, profile: Profile, epochs: int | None, max_steps: int | None, rnd: int) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def metrics(self, result: dict, before: dict, after: dict) -> tuple[dict[str, float], int]:
-        """``(metrics, the site's training-sample count)`` of one round."""
-        raise NotImplementedError
+    def setup(self, params: Mapping[str, Any] | None, profile: Profile, rnd: int) -> None: ...
+    def net(self) -> torch.nn.Module: ...
+    def evaluate(self) -> dict[str, float]: ...
+    def train(
+        self, profile: Profile, epochs: int | None, max_steps: int | None, rnd: int
+    ) -> dict[str, Any]: ...
+    def metrics(self, result: dict, before: dict, after: dict) -> tuple[dict[str, float], int]: ...
 
 
 class VQVAETask(Task):

@@ -82,30 +82,18 @@ WARMUP_KEY = "synthbrain_steps_taken"  # steps an optimiser has taken in train_l
 
 
 class LocalStep:
-    """What one model brings to :func:`train_loop`: its batches, its loss, its per-step and per-epoch work."""
+    """What one model brings to :func:`train_loop`: ``unpack(batch)`` (the batch on the device, None when
+    empty), ``loss(unpacked)`` (one batch's loss, under autocast; the loop does backward and the step),
+    ``after_step(unpacked, loss, steps)`` (work after the optimiser step: metrics, extra updates; returns the
+    batch's sample count), ``start_epoch()`` / ``epoch_metrics(n_batches)`` (the epoch's running metrics;
+    ``n_batches``: this rank's optimiser batches) and ``validate()`` (after an epoch; None: no validation)."""
 
-    def unpack(self, batch: Any) -> Any | None:
-        """A batch on the device, or None when it is empty."""
-        raise NotImplementedError
-
-    def loss(self, unpacked: Any) -> torch.Tensor:
-        """The training loss of one batch (under autocast; the loop does backward and the step)."""
-        raise NotImplementedError
-
-    def after_step(self, unpacked: Any, loss: torch.Tensor, steps: int) -> int:
-        """Work after the optimiser step (metrics, extra updates); returns the batch's sample count."""
-        raise NotImplementedError
-
-    def start_epoch(self) -> None:
-        """Reset the epoch's running metrics."""
-
-    def epoch_metrics(self, n_batches: int) -> dict[str, Any]:
-        """The epoch's metrics (``n_batches``: this rank's optimiser batches)."""
-        return {}
-
-    def validate(self) -> dict[str, Any] | None:
-        """Validation metrics after an epoch (None: no validation)."""
-        return None
+    def unpack(self, batch: Any) -> Any | None: ...
+    def loss(self, unpacked: Any) -> torch.Tensor: ...
+    def after_step(self, unpacked: Any, loss: torch.Tensor, steps: int) -> int: ...
+    def start_epoch(self) -> None: ...
+    def epoch_metrics(self, n_batches: int) -> dict[str, Any]: ...
+    def validate(self) -> dict[str, Any] | None: ...
 
 
 def train_loop(
