@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fl_app.run_layout import RunLayout
+
 TINY = {
     "data": {"shape": [32, 32, 32], "spacing": [5.0, 5.0, 5.0]},
     "vqvae": {"channels": [8, 16], "num_res_channels": [8, 16], "num_embeddings": 32, "embedding_dim": 8},
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     run_job("vqvae", "sim", work / "run", profile=prof.model_dump(mode="json"), clients=[s.name for s in sites],
             num_rounds=args.rounds, max_steps=args.steps, site_config_dir=cfg_dir)  # fmt: skip
     fed_s = time.perf_counter() - t0
-    ck = read_checkpoint(work / "run" / "fl" / "vqvae")
+    ck = read_checkpoint(RunLayout(work / "run").job_dir("vqvae"))
     train_s = [max(m.get("train_seconds", 0.0) for m in h["sites"].values()) for h in ck["history"]]
 
     down = sum(v.numel() * v.element_size() for v in ck["params"].values())

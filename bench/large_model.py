@@ -45,6 +45,8 @@ from typing import Any
 import scale
 import transfer_meter
 
+from fl_app.run_layout import RunLayout
+
 OVERRIDES = {
     "data": {"shape": [40, 56, 40], "spacing": [5.0, 5.0, 5.0]},
     "vqvae": {"channels": [8, 16], "num_res_channels": [8, 16], "num_embeddings": 2048, "embedding_dim": 8},
@@ -118,8 +120,8 @@ def run_prior_job(
 
     spec = JobSpec(
         kind="prior", profile=profile, num_clients=len(clients), num_rounds=rounds,
-        checkpoint_dir=str(run_dir / "fl" / "prior"),
-        frozen_vqvae=str(run_dir / "fl" / "vqvae" / "global_vqvae.pt"),
+        checkpoint_dir=str(RunLayout(run_dir).job_dir("prior")),
+        frozen_vqvae=str(RunLayout(run_dir).global_file("vqvae")),
         site_config_dir=str(cfg_dir) if env == "sim" else None,
         max_steps=1, run_name=run_dir.name, name="synthbrain-prior",
     )  # fmt: skip
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
             stopped = poc.stop(ws)
             print(f"POC stopped: {sorted(stopped)} (started {sorted(pids.values())})", flush=True)
-    ck = read_checkpoint(run_dir / "fl" / "prior")
+    ck = read_checkpoint(RunLayout(run_dir).job_dir("prior"))
     if ck is None or ck["round"] != args.rounds - 1:
         raise RuntimeError(f"the prior job did not complete its {args.rounds} rounds")
     global_bytes = sum(v.numel() * v.element_size() for v in ck["params"].values())

@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fl_app.run_layout import RunLayout
+
 TINY = {
     "data": {"shape": [32, 32, 32], "spacing": [5.0, 5.0, 5.0]},
     "vqvae": {"channels": [8, 16], "num_res_channels": [8, 16], "num_embeddings": 32, "embedding_dim": 8},
@@ -213,7 +215,7 @@ def run_one(work: Path, n_sites: int, rounds: int, steps: int, out: Path) -> Non
         result_filters=[transfer_meter.TransferMeter(str(meter), "up")],
     )  # fmt: skip
     recs = transfer_meter.read_records(meter)
-    ck = read_checkpoint(run_dir / "fl" / "vqvae")
+    ck = read_checkpoint(RunLayout(run_dir).job_dir("vqvae"))
     sites_seen = {s for h in ck["history"] for s in h["sites"]}
     job_dir = run_dir / "nvflare" / "sim" / "synthbrain-vqvae"
     logged = transfer_meter.download_log_stats([job_dir / "server" / "log.txt"])
