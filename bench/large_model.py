@@ -3,7 +3,7 @@
     python bench/large_model.py --json OUT [--env sim|poc] [--rounds 3] [--client-config JSON] [--server-config JSON]
 
 The full-1mm prior (width 512, depth 24, 16 heads, 2048 codes, 10×14×10 = 1,400 tokens) has 78.8 M
-parameters, 315 MB in float32. This bench runs the real ``prior`` job (``fl_app.fl.jobs.build_recipe``, the
+parameters, 315 MB in float32. This bench runs the real ``prior`` job (``fl_app.fl.run.build_recipe``, the
 same recipe as ``synthbrain fl run prior``) in NVFlare's simulator (``--env poc``: a POC on loopback, server
 and 2 client processes from startup kits, all stopped by PID at the end) with 2 sites and *exactly that
 transformer*: the sites hold tiny data (40×56×40 at 5 mm) and a tiny VQ-VAE whose 2-level encoder gives the
@@ -116,7 +116,7 @@ def run_prior_job(
     ``site_meters``: also meter at the sites (client filters; see ``--site-meters``).
     Returns (seconds, the server's job logs).
     """
-    from fl_app.fl.jobs import JobSpec, build_recipe
+    from fl_app.fl.run import JobSpec, build_recipe
 
     spec = JobSpec(
         kind="prior", profile=profile, num_clients=len(clients), num_rounds=rounds,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from fl_app.config import load_profile
-from fl_app.fl.jobs import JobSpec, build_recipe
+from fl_app.fl.run import JobSpec, build_recipe
 
 
 def _component(cfg: dict, path_suffix: str) -> dict:
