@@ -4,7 +4,7 @@ Given a demo run (``synthbrain demo --out RUN``: ``RUN/global`` + simulated site
 or ``--model``/``--reference`` explicitly, it
 
 1. samples ``--n`` subjects with covariates spread like the sites (ages uniform 50–85, sexes
-   alternating, CN/MCI/AD in turn) through :func:`fl_app.generate.cohort.sample_cohort` (timed:
+   alternating, CN/MCI/AD in turn) through :func:`fl_app.generate.sample_cohort.sample_cohort` (timed:
    sampling throughput in volumes/s, includes decoding and writing NIfTI);
 2. evaluates them against the sites (:func:`fl_app.evaluate.fidelity.evaluate`, generating law as
    the target since the sites are simulated);
@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     from fl_app.data.covariates import DIAGNOSES, SEXES
     from fl_app.evaluate.audit import combine_site_audits, site_audit
     from fl_app.evaluate.fidelity import evaluate, load_cohort_subjects, load_reference_subjects
-    from fl_app.generate.cohort import CohortRow, load_global_model, sample_cohort
+    from fl_app.generate.cohort_folder import CohortRow
+    from fl_app.generate.sample_cohort import sample_cohort
+    from fl_app.global_model import load_global_model
 
     run = Path(args.run)
     model = Path(args.model) if args.model else run / "global"

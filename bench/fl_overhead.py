@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fl_app.run_layout import RunLayout
+
 TINY = {
     "data": {"shape": [32, 32, 32], "spacing": [5.0, 5.0, 5.0]},
     "vqvae": {"channels": [8, 16], "num_res_channels": [8, 16], "num_embeddings": 32, "embedding_dim": 8},
@@ -42,13 +44,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from fl_app.config import load_profile
+    from fl_app.config import load_profile, load_site_config, write_site_yaml
     from fl_app.data.dataset import make_loaders
     from fl_app.data.simulate import simulate_sites
     from fl_app.fl.client import open_site_dataset
     from fl_app.fl.run import run_job
     from fl_app.fl.server import read_checkpoint
-    from fl_app.fl.site import load_fl_site_config, write_site_yaml
     from fl_app.models.vqvae import build_vqvae
     from fl_app.privacy.aggregation import weighted_average
     from fl_app.train.vqvae_local import make_optimizer, make_vqvae_loader, train_vqvae_local
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     # warm the preprocessing caches so that neither arm pays for them
     loaders = []
     for s in sites:
-        ds = open_site_dataset(load_fl_site_config(cfg_dir / f"{s.name}.yaml"), prof)
+        ds = open_site_dataset(load_site_config(cfg_dir / f"{s.name}.yaml"), prof)
         train, _ = make_loaders(ds, prof.train.batch_size, prof.train.val_fraction, 0)
         loaders.append((make_vqvae_loader(train.dataset, prof.train.batch_size, True, 0), len(train.dataset)))
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     run_job("vqvae", "sim", work / "run", profile=prof.model_dump(mode="json"), clients=[s.name for s in sites],
             num_rounds=args.rounds, max_steps=args.steps, site_config_dir=cfg_dir)  # fmt: skip
     fed_s = time.perf_counter() - t0
-    ck = read_checkpoint(work / "run" / "fl" / "vqvae")
+    ck = read_checkpoint(RunLayout(work / "run").job_dir("vqvae"))
     train_s = [max(m.get("train_seconds", 0.0) for m in h["sites"].values()) for h in ck["history"]]
 
     down = sum(v.numel() * v.element_size() for v in ck["params"].values())

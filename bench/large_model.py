@@ -3,7 +3,7 @@
     python bench/large_model.py --json OUT [--env sim|poc] [--rounds 3] [--client-config JSON] [--server-config JSON]
 
 The full-1mm prior (width 512, depth 24, 16 heads, 2048 codes, 10×14×10 = 1,400 tokens) has 78.8 M
-parameters, 315 MB in float32. This bench runs the real ``prior`` job (``fl_app.fl.jobs.build_recipe``, the
+parameters, 315 MB in float32. This bench runs the real ``prior`` job (``fl_app.fl.run.build_recipe``, the
 same recipe as ``synthbrain fl run prior``) in NVFlare's simulator (``--env poc``: a POC on loopback, server
 and 2 client processes from startup kits, all stopped by PID at the end) with 2 sites and *exactly that
 transformer*: the sites hold tiny data (40×56×40 at 5 mm) and a tiny VQ-VAE whose 2-level encoder gives the
@@ -44,6 +44,8 @@ from typing import Any
 
 import scale
 import transfer_meter
+
+from fl_app.run_layout import RunLayout
 
 OVERRIDES = {
     "data": {"shape": [40, 56, 40], "spacing": [5.0, 5.0, 5.0]},
@@ -114,12 +116,12 @@ def run_prior_job(
     ``site_meters``: also meter at the sites (client filters; see ``--site-meters``).
     Returns (seconds, the server's job logs).
     """
-    from fl_app.fl.jobs import JobSpec, build_recipe
+    from fl_app.fl.run import JobSpec, build_recipe
 
     spec = JobSpec(
         kind="prior", profile=profile, num_clients=len(clients), num_rounds=rounds,
-        checkpoint_dir=str(run_dir / "fl" / "prior"),
-        frozen_vqvae=str(run_dir / "fl" / "vqvae" / "global_vqvae.pt"),
+        checkpoint_dir=str(RunLayout(run_dir).job_dir("prior")),
+        frozen_vqvae=str(RunLayout(run_dir).global_file("vqvae")),
         site_config_dir=str(cfg_dir) if env == "sim" else None,
         max_steps=1, run_name=run_dir.name, name="synthbrain-prior",
     )  # fmt: skip
@@ -175,11 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     import nvflare
     import torch
 
-    from fl_app.config import load_profile
+    from fl_app.config import load_profile, write_site_yaml
     from fl_app.data.simulate import simulate_sites
     from fl_app.fl.run import run_job
     from fl_app.fl.server import FROZEN_PREFIX, read_checkpoint
-    from fl_app.fl.site import write_site_yaml
 
     full = model_bytes("full-1mm")
     bench = model_bytes("cpu-demo", OVERRIDES)
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
             stopped = poc.stop(ws)
             print(f"POC stopped: {sorted(stopped)} (started {sorted(pids.values())})", flush=True)
-    ck = read_checkpoint(run_dir / "fl" / "prior")
+    ck = read_checkpoint(RunLayout(run_dir).job_dir("prior"))
     if ck is None or ck["round"] != args.rounds - 1:
         raise RuntimeError(f"the prior job did not complete its {args.rounds} rounds")
     global_bytes = sum(v.numel() * v.element_size() for v in ck["params"].values())

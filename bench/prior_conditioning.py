@@ -269,7 +269,7 @@ def _train_vqvae_here(
 
 def _apply_prior_overrides(profile: Profile, items: list[str] | None) -> Profile:
     """``--set prior.X=V`` / ``train.X=V`` on a checkpoint's profile (the VQ-VAE fixes data and vqvae)."""
-    from fl_app.train.vqvae_local import parse_overrides
+    from fl_app.config import parse_overrides
 
     over = parse_overrides(items)
     bad = [k for k in over if k not in ("prior", "train")]
@@ -330,10 +330,10 @@ def train_variant(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole benchmark; returns the JSON-able result."""
+    from fl_app.config import parse_overrides
     from fl_app.data.simulate import simulate_sites
     from fl_app.models.vqvae import load_vqvae
     from fl_app.train.common import peak_rss_mb, resolve_device
-    from fl_app.train.vqvae_local import parse_overrides
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fl_app.run_layout import RunLayout
+
 TINY = {
     "data": {"shape": [32, 32, 32], "spacing": [5.0, 5.0, 5.0]},
     "vqvae": {"channels": [8, 16], "num_res_channels": [8, 16], "num_embeddings": 32, "embedding_dim": 8},
@@ -169,10 +171,9 @@ class TreeMemorySampler(threading.Thread):
 # ---------------------------------------------------------------------------------------------- one count
 def prepare(work: Path, n_sites: int, subjects: int) -> Path:
     """Simulate ``n_sites`` sites (site YAMLs with one thread each) and warm their preprocessing caches."""
-    from fl_app.config import load_profile
+    from fl_app.config import load_profile, load_site_config, write_site_yaml
     from fl_app.data.simulate import simulate_sites
     from fl_app.fl.client import open_site_dataset
-    from fl_app.fl.site import load_fl_site_config, write_site_yaml
 
     prof = load_profile("cpu-demo", TINY)
     sites = simulate_sites(work / "data", n_sites, subjects, prof, seed=0)
@@ -182,7 +183,7 @@ def prepare(work: Path, n_sites: int, subjects: int) -> Path:
         write_site_yaml(y, {"name": s.name, "bids_dir": str(s), "min_subjects": 2,
                             "cache_dir": str(work / "cache" / s.name),
                             "compute": {"device": "cpu", "num_threads": 1}})  # fmt: skip
-        open_site_dataset(load_fl_site_config(y), prof)  # preprocessing cache, outside the timed job
+        open_site_dataset(load_site_config(y), prof)  # preprocessing cache, outside the timed job
     return cfg_dir
 
 
@@ -214,7 +215,7 @@ def run_one(work: Path, n_sites: int, rounds: int, steps: int, out: Path) -> Non
         result_filters=[transfer_meter.TransferMeter(str(meter), "up")],
     )  # fmt: skip
     recs = transfer_meter.read_records(meter)
-    ck = read_checkpoint(run_dir / "fl" / "vqvae")
+    ck = read_checkpoint(RunLayout(run_dir).job_dir("vqvae"))
     sites_seen = {s for h in ck["history"] for s in h["sites"]}
     job_dir = run_dir / "nvflare" / "sim" / "synthbrain-vqvae"
     logged = transfer_meter.download_log_stats([job_dir / "server" / "log.txt"])

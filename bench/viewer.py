@@ -61,7 +61,12 @@ def _head(shape: tuple[int, int, int], spacing: float) -> tuple[np.ndarray, np.n
 def _write_cohort(out: Path, n: int) -> None:
     from fl_app.config import load_profile
     from fl_app.data.covariates import DIAGNOSES, SEXES
-    from fl_app.generate.cohort import CohortRow, _write_dataset_files, _write_participants, _write_subject
+    from fl_app.generate.cohort_folder import (
+        CohortRow,
+        write_dataset_files,
+        write_participants,
+        write_subject,
+    )
 
     prof = load_profile("cpu-demo")
     img, lab, aff = _head(tuple(prof.data.shape), float(prof.data.spacing[0]))  # type: ignore[arg-type]
@@ -74,11 +79,11 @@ def _write_cohort(out: Path, n: int) -> None:
         CohortRow(f"sub-{i + 1:04d}", round(float(rng.uniform(50, 85)), 1), SEXES[i % 2], DIAGNOSES[i % 3])
         for i in range(n)
     ]
-    _write_dataset_files(out, _GM(), rows)  # type: ignore[arg-type]
+    write_dataset_files(out, _GM(), rows)  # type: ignore[arg-type]
     for k, r in enumerate(rows):
         noisy = np.clip(img * rng.uniform(0.9, 1.1) + rng.normal(0, 0.02, img.shape), 0, 1).astype(np.float32)
-        _write_subject(out, r, noisy * (lab > 0), lab, aff, {"Seed": k, "Temperature": 1.0})
-    _write_participants(out, rows)
+        write_subject(out, r, noisy * (lab > 0), lab, aff, {"Seed": k, "Temperature": 1.0})
+    write_participants(out, rows)
 
 
 def _du(paths: list[Path]) -> int:
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args(argv)
 
-    from fl_app.generate.cohort import read_cohort_dir
+    from fl_app.generate.cohort_folder import read_cohort_dir
     from fl_app.generate.qc import write_qc, write_report
     from fl_app.viewer import ViewerEntry, write_viewer_page
 

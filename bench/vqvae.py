@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from fl_app.config import load_profile
+from fl_app.config import load_profile, parse_overrides
 from fl_app.data.cohort import read_bids
 from fl_app.data.dataset import SiteDataset
 from fl_app.data.simulate import simulate_sites
@@ -42,7 +42,6 @@ from fl_app.train.vqvae_local import (
     evaluate_vqvae,
     make_optimizer,
     make_vqvae_loader,
-    parse_overrides,
     train_vqvae_local,
 )
 

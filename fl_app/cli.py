@@ -99,43 +99,75 @@ def _add_site_parser(sub: argparse._SubParsersAction) -> None:
     chk.set_defaults(func=_cmd_site_check)
 
 
-# (module, function) adding each top-level command's sub-parser; each module owns its command, and heavy
-# imports (torch, MONAI, NVFlare) stay inside the command functions.
-COMMAND_MODULES: list[tuple[str, str]] = [
-    ("fl_app.demo", "add_demo_parser"),
-    ("fl_app.data.simulate", "add_simulate_parser"),
-    ("fl_app.fl.run", "add_fl_parser"),
-    ("fl_app.generate.cohort", "add_sample_parser"),
-    ("fl_app.evaluate.fidelity", "add_evaluate_parser"),
-    ("fl_app.evaluate.audit", "add_audit_parser"),
-    ("fl_app.privacy.report", "add_privacy_parser"),
-    ("fl_app.pretrain", "add_pretrain_parser"),
-    ("fl_app.viewer.page", "add_view_parser"),
-]
+# Each top-level command: (module, function adding its sub-parser, its line in ``synthbrain --help``). Each module
+# owns its command; only the module of the command being run is imported (heavy imports -- torch, MONAI,
+# NVFlare -- stay out of ``synthbrain --help``), the others are listed by name and help line.
+COMMAND_MODULES: dict[str, tuple[str, str, str]] = {
+    "demo": (
+        "fl_app.demo",
+        "add_demo_parser",
+        "end-to-end demo: 3 simulated sites → federated VQ-VAE → federated prior → synthetic cohort",
+    ),
+    "simulate": (
+        "fl_app.data.simulate",
+        "add_simulate_parser",
+        "write simulated hospital sites (BIDS, T1w + tissue labels) from the MNI152 template",
+    ),
+    "fl": ("fl_app.fl.run", "add_fl_parser", "federated jobs on NVFlare (simulator, POC, production)"),
+    "sample": (
+        "fl_app.generate.sample_cohort",
+        "add_sample_parser",
+        "sample a synthetic cohort (BIDS derivative: T1w + tissue labels) from a global model",
+    ),
+    "evaluate": (
+        "fl_app.evaluate.fidelity",
+        "add_evaluate_parser",
+        "conditioning fidelity, realism/diversity and memorisation audit of a synthetic cohort",
+    ),
+    "audit-site": (
+        "fl_app.evaluate.audit",
+        "add_audit_parser",
+        "memorisation audit at a site: nearest-training distances of a synthetic cohort (aggregates only)",
+    ),
+    "privacy": ("fl_app.privacy.report", "add_privacy_parser", "differential-privacy accounting of a run"),
+    "pretrain": (
+        "fl_app.pretrain",
+        "add_pretrain_parser",
+        "train the public checkpoint (VQ-VAE, then prior) centrally on simulated or public data",
+    ),
+    "view": (
+        "fl_app.viewer.page",
+        "add_view_parser",
+        "open a NIfTI file, BIDS subject or cohort in the offline 3D viewer",
+    ),
+}
 TRAIN_LOCAL_MODULES: list[tuple[str, str]] = [
     ("fl_app.train.vqvae_local", "add_train_local_vqvae_parser"),
     ("fl_app.train.prior_local", "add_train_local_prior_parser"),
 ]
+TRAIN_LOCAL_HELP = "centralised (non-federated) training on pooled BIDS folders: the baseline"
 
 
-def _load(entries: list[tuple[str, str]]) -> list[Callable[[argparse._SubParsersAction], object]]:
+def _load(module: str, func: str) -> Callable[[argparse._SubParsersAction], object]:
     import importlib
 
-    return [getattr(importlib.import_module(module), func) for module, func in entries]
+    return getattr(importlib.import_module(module), func)
 
 
 def _add_train_local_parser(sub: argparse._SubParsersAction) -> None:
     tl = sub.add_parser(
         "train-local",
-        help="centralised (non-federated) training on pooled BIDS folders: the baseline",
+        help=TRAIN_LOCAL_HELP,
         description="Train a model centrally with the same local training function the federated clients use.",
     )
     tl_sub = tl.add_subparsers(dest="model", required=True, metavar="MODEL")
-    for add in _load(TRAIN_LOCAL_MODULES):
-        add(tl_sub)
+    for module, func in TRAIN_LOCAL_MODULES:
+        _load(module, func)(tl_sub)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``synthbrain`` parser; with ``command``, only that command's module is imported (the other
+    commands are listed, not parsed)."""
     parser = argparse.ArgumentParser(
         prog="synthbrain",
         description="Federated generative modelling of 3D brain MRI (VQ-VAE + transformer prior on NVFlare).",
@@ -146,17 +178,24 @@ def build_parser() -> argparse.ArgumentParser:
     prof = sub.add_parser("profiles", help="list built-in profiles, or print one as YAML")
     prof.add_argument("name", nargs="?")
     prof.set_defaults(func=_cmd_profiles)
-    for add in _load(COMMAND_MODULES):
-        add(sub)
+    for name, (module, func, help_line) in COMMAND_MODULES.items():
+        if command in (None, name):
+            _load(module, func)(sub)
+        else:
+            sub.add_parser(name, help=help_line)
     _add_site_parser(sub)
-    _add_train_local_parser(sub)
+    if command in (None, "train-local"):
+        _add_train_local_parser(sub)
+    else:
+        sub.add_parser("train-local", help=TRAIN_LOCAL_HELP)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.command_line = list(sys.argv[1:] if argv is None else argv)  # recorded by commands that make models
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")  # "": list the commands only
+    args = build_parser(command).parse_args(argv)
+    args.command_line = argv  # recorded by commands that make models (pretrain's model card)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -17,11 +17,20 @@ Built-in profiles live in ``fl_app/profiles/<name>.yaml`` (``cpu-demo`` and
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -102,8 +111,8 @@ class VQVAESection(_Strict):
     ema_decay: float = Field(0.99, gt=0.0, lt=1.0)
     quantiser: Literal["ema", "loss", "fsq"] = Field(
         "loss",
-        description="'ema' = MONAI's EMA codebook; 'loss' = learned through the loss (DP-safe; used "
-        "under DP in place of 'ema'); 'fsq' = finite scalar quantisation (no codebook, DP-safe).",
+        description="'ema' = MONAI's EMA codebook; 'loss' = learned through the loss; 'fsq' = finite scalar "
+        "quantisation (no codebook). 'loss' and 'fsq' are DP-safe; a site running DP-SGD refuses 'ema'.",
     )
     fsq_levels: tuple[int, ...] = Field(
         (8, 5, 5, 5),
@@ -263,8 +272,87 @@ class CohortColumns(_Strict):
     age_range: tuple[float, float] = (0.0, 120.0)
 
 
+class SitePrivacy(_Strict):
+    """Local differential privacy (record-level DP-SGD at the site) and the site's privacy budget.
+
+    Only the site's YAML sets these; no job setting can raise ``epsilon_budget`` (see docs/PRIVACY.md).
+    """
+
+    enabled: bool = False
+    noise_multiplier: float | None = Field(
+        None, gt=0.0, description="Fixed σ; null = derived from the job's target ε (or job_epsilon)."
+    )
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Per-sample clip bound C.")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    epsilon_budget: float | None = Field(
+        None,
+        gt=0.0,
+        description="Largest total ε (all jobs composed) the site accepts; required when enabled.",
+    )
+    job_epsilon: float | None = Field(
+        None, gt=0.0, description="Target ε of a job that does not ask for one."
+    )
+    accountant: Literal["rdp", "prv"] = "rdp"
+    ledger: Path | None = Field(
+        None, description="The site's privacy ledger file (default <cache_dir>/privacy_ledger.json)."
+    )
+    release: list[Literal["accounting", "metrics"]] = Field(
+        default_factory=lambda: ["accounting"],
+        description="Data-dependent values the site accepts to send besides the DP update: 'accounting' "
+        "(ε, σ, sampling rate, steps, subject counts) and/or 'metrics' (losses, PSNR: NOT private).",
+    )
+
+    @model_validator(mode="after")
+    def _budget_when_enabled(self) -> SitePrivacy:
+        if self.enabled and self.epsilon_budget is None:
+            raise ValueError("privacy.enabled needs privacy.epsilon_budget (the site's maximum ε)")
+        return self
+
+
+class SiteCompute(_Strict):
+    """The hardware the site's client may use; only the site's YAML sets it (the job never does).
+
+    ``nproc`` > 1 makes the site's client train with that many processes under ``torchrun`` (one per GPU
+    on CUDA, each pinned to ``LOCAL_RANK`` of the visible ``gpus``; ``gloo`` processes on CPU), with
+    gradients averaged across them (see :mod:`fl_app.train.distributed`). ``num_threads`` is per process.
+    """
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpus: list[int] = Field(default_factory=list)
+    num_threads: int | None = Field(None, gt=0)
+    nproc: int = Field(
+        1, ge=1, description="Training processes at this site (torchrun --nproc_per_node); 1 = no torchrun."
+    )
+
+    @model_validator(mode="after")
+    def _enough_gpus(self) -> SiteCompute:
+        if self.gpus and self.device != "cpu" and self.nproc > len(self.gpus):
+            raise ValueError(f"nproc {self.nproc} exceeds the {len(self.gpus)} GPU(s) listed in gpus")
+        return self
+
+
+class SiteTraining(_Strict):
+    """Caps on the local work a consortium's job may ask of the site per round."""
+
+    max_steps_per_round: int | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, gt=0)
+
+
 class SiteConfig(_Strict):
-    """What one hospital site controls (read by its client and by ``site check``)."""
+    """What one hospital site controls: the whole site YAML (``site_configs/<site>.yaml``), read by its
+    client, by ``site check`` and by ``audit-site``. Nothing in it is sent to the server::
+
+        name: site-1
+        bids_dir: /data/site-1             # or manifest: cohort.csv (relative paths: relative to this file)
+        profile: cpu-demo
+        cache_dir: /var/cache/synthbrain    # preprocessed volumes and code grids (never the data folder)
+        min_subjects: 4
+        privacy: {enabled: false, epsilon_budget: 8.0, ...}   # local DP-SGD (SitePrivacy)
+        compute: {device: auto, gpus: [], num_threads: null, nproc: 1}   # SiteCompute
+        training: {max_steps_per_round: null, batch_size: null}          # SiteTraining
+
+    A client finds its YAML with :func:`find_site_config`.
+    """
 
     name: str = "site"
     bids_dir: Path | None = None
@@ -279,6 +367,20 @@ class SiteConfig(_Strict):
     label_derivative: str | None = Field(
         None, description="Name of the derivatives/<name> folder holding dseg maps; None = any."
     )
+    privacy: SitePrivacy = SitePrivacy()
+    compute: SiteCompute = SiteCompute()
+    training: SiteTraining = SiteTraining()
+    _path: Path | None = PrivateAttr(None)
+
+    @field_validator("privacy", "compute", "training", mode="before")
+    @classmethod
+    def _empty_section(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+    @property
+    def path(self) -> Path | None:
+        """The YAML this config was read from (None when built from a dict)."""
+        return self._path
 
 
 def _format_validation(err: ValidationError, source: str) -> str:
@@ -357,20 +459,82 @@ def profile_from_dict(data: dict[str, Any], source: str = "profile") -> Profile:
         raise ConfigError(_format_validation(exc, source)) from None
 
 
-def load_site_config(path: str | Path) -> SiteConfig:
-    """Read a site YAML; relative data paths are resolved against the YAML's folder."""
-    path = Path(path)
-    data = _read_yaml(path)
+def site_config_from_dict(data: dict[str, Any], base: Path | None = None, source: str = "site") -> SiteConfig:
+    """Validate a site dict; relative paths (data, cache, ledger) are resolved against ``base``."""
     try:
         cfg = SiteConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation(exc, str(path))) from None
-    base = path.parent
-    for key in ("bids_dir", "manifest", "cache_dir"):
-        val = getattr(cfg, key)
-        if val is not None and not val.is_absolute():
-            setattr(cfg, key, (base / val).resolve())
+        raise ConfigError(_format_validation(exc, source)) from None
+    if base is not None:
+        for sec, key in ((cfg, "bids_dir"), (cfg, "manifest"), (cfg, "cache_dir"), (cfg.privacy, "ledger")):
+            val = getattr(sec, key)
+            if val is not None and not val.is_absolute():
+                setattr(sec, key, (base / val).resolve())
     return cfg
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read a site YAML (see :class:`SiteConfig`); relative paths are resolved against the YAML's folder."""
+    path = Path(path)
+    cfg = site_config_from_dict(_read_yaml(path), base=path.parent, source=str(path))
+    cfg._path = path
+    return cfg
+
+
+def write_site_yaml(path: str | Path, data: dict[str, Any]) -> Path:
+    """Write a site YAML (validated first)."""
+    path = Path(path)
+    site_config_from_dict(data, base=path.parent, source=str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+ENV_SITE_CONFIG = "SYNTHBRAIN_SITE_CONFIG"
+
+
+def find_site_config(
+    site_name: str, site_config: str | None = None, site_config_dir: str | None = None
+) -> Path:
+    """Where a client's site YAML is: ``$SYNTHBRAIN_SITE_CONFIG`` (what hospital IT sets in the startup kit's
+    environment), else ``site_config``, else ``<site_config_dir>/<site>.yaml`` (simulator and POC)."""
+    env = os.environ.get(ENV_SITE_CONFIG)
+    for cand in (env, site_config):
+        if cand:
+            return Path(cand)
+    if site_config_dir:
+        p = Path(site_config_dir) / f"{site_name}.yaml"
+        if p.exists():
+            return p
+        raise ConfigError(f"no site config for {site_name!r}: {p} does not exist")
+    raise ConfigError(
+        f"no site config for {site_name!r}: set ${ENV_SITE_CONFIG} to the site's YAML "
+        "(or pass --site-config / --site-config-dir in the job)"
+    )
+
+
+def parse_overrides(items: list[str] | None, sections: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """``--set`` values ``["vqvae.num_embeddings=512", ...]`` -> nested override dict (values parsed as YAML);
+    ``sections``: the top-level keys that may be changed (None: any)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, val = item.split("=", 1)
+        node = out
+        parts = key.split(".")
+        if sections is not None and parts[0] not in sections:
+            raise ValueError(f"--set may change {', '.join(s + '.*' for s in sections)} only: {key}")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        parsed = yaml.safe_load(val)
+        if isinstance(parsed, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        node[parts[-1]] = parsed
+    return out
 
 
 def profile_to_yaml(profile: Profile) -> str:

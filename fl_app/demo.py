@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fl_app.run_layout import RunLayout
+
 log = logging.getLogger(__name__)
 
 __all__ = ["add_demo_parser", "run_demo", "sample_cohort"]
@@ -29,9 +31,10 @@ def sample_cohort(global_dir: Path, out_dir: Path, n: int, seed: int = 0) -> lis
     montages and HTML report into ``out_dir``; returns the participant rows.
     """
     from fl_app.data.covariates import DIAGNOSES, SEXES
-    from fl_app.generate.cohort import CohortRow, load_global_model
-    from fl_app.generate.cohort import sample_cohort as write_cohort
+    from fl_app.generate.cohort_folder import CohortRow
     from fl_app.generate.qc import write_qc
+    from fl_app.generate.sample_cohort import sample_cohort as write_cohort
+    from fl_app.global_model import load_global_model
 
     gm = load_global_model(global_dir, device="cpu")
     ages = [55.0 + 30.0 * i / (n - 1) for i in range(n)] if n > 1 else [70.0]
@@ -56,16 +59,16 @@ def final_vqvae_on_sites(vqvae_path: Path, cfg_dir: Path, clients: list[str]) ->
     round tables never show, as each round reports the model it received -- on every site's own
     validation split (the split its client holds out). A real consortium gets this from a validation
     round at the sites. Returns ``{site: {"psnr_db", "dice_mean", "n_volumes"}}``."""
+    from fl_app.config import load_site_config
     from fl_app.data.dataset import make_loaders
     from fl_app.fl.client import open_site_dataset
-    from fl_app.fl.site import load_fl_site_config
     from fl_app.models.vqvae import load_vqvae
     from fl_app.train.vqvae_local import evaluate_vqvae
 
     model, prof = load_vqvae(vqvae_path)
     res: dict[str, dict[str, float]] = {}
     for c in clients:
-        ds = open_site_dataset(load_fl_site_config(cfg_dir / f"{c}.yaml"), prof)
+        ds = open_site_dataset(load_site_config(cfg_dir / f"{c}.yaml"), prof)
         _, val = make_loaders(ds, prof.train.batch_size, prof.train.val_fraction, 0)
         m = evaluate_vqvae(model, val)
         res[c] = {
@@ -157,10 +160,9 @@ def run_demo(
     DP-FedAvg (noise multiplier ``server_noise``, adaptive clipping at the median); the per-site ε are
     printed and written to the model card (docs/PRIVACY.md).
     """
-    from fl_app.config import load_profile
+    from fl_app.config import load_profile, write_site_yaml
     from fl_app.data.simulate import simulate_sites
     from fl_app.fl.run import run_job
-    from fl_app.fl.site import write_site_yaml
     from fl_app.global_model import write_global_model
 
     out = Path(out).resolve()
@@ -197,7 +199,7 @@ def run_demo(
     run_job("vqvae", "sim", out, num_rounds=vqvae_rounds, max_steps=vqvae_steps, **common)
     timings["vqvae_job"] = time.perf_counter() - t
     t = time.perf_counter()
-    final_vqvae = final_vqvae_on_sites(out / "fl" / "vqvae" / "global_vqvae.pt", cfg_dir, clients)
+    final_vqvae = final_vqvae_on_sites(RunLayout(out).global_file("vqvae"), cfg_dir, clients)
     print(
         "      final global VQ-VAE on the sites' validation splits: "
         + ", ".join(f"{c} {m['psnr_db']:.1f} dB" for c, m in final_vqvae.items()),

@@ -21,15 +21,30 @@ Researchers load the bundle with MONAI's config machinery::
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fl_app import __version__
+from fl_app.run_layout import JOBS, RunLayout
 
-__all__ = ["export_monai_bundle", "model_card", "write_global_model"]
+if TYPE_CHECKING:
+    import torch
+
+    from fl_app.config import Profile
+
+__all__ = [
+    "GlobalModel",
+    "export_monai_bundle",
+    "load_global_model",
+    "model_card",
+    "write_global_model",
+]
 
 
 def _clean(v: Any) -> Any:
@@ -89,10 +104,10 @@ def model_card(run_dir: str | Path) -> dict[str, Any]:
         "jobs": {},
     }
     for kind in ("vqvae", "prior"):
-        ck = read_checkpoint(run_dir / "fl" / kind)
+        ck = read_checkpoint(RunLayout(run_dir).job_dir(kind))
         if ck is None:
             continue
-        jf = run_dir / f"job_{kind}.json"
+        jf = RunLayout(run_dir).job_settings(kind)
         job = json.loads(jf.read_text()) if jf.exists() else None
         card["jobs"][kind] = _job_summary(ck, job)
     sites: dict[str, Any] = {}
@@ -114,12 +129,12 @@ def model_card(run_dir: str | Path) -> dict[str, Any]:
 
 def write_global_model(run_dir: str | Path, bundle: bool = True) -> Path:
     """Assemble ``run_dir/global/`` from the jobs' checkpoints (and export the MONAI bundle)."""
-    run_dir = Path(run_dir)
-    gdir = run_dir / "global"
+    run = RunLayout(run_dir)
+    gdir = run.global_dir
     gdir.mkdir(parents=True, exist_ok=True)
     found = False
-    for kind in ("vqvae", "prior"):
-        src = run_dir / "fl" / kind / f"global_{kind}.pt"
+    for kind in JOBS:
+        src = run.global_file(kind)
         if src.exists():
             shutil.copy2(src, gdir / f"{kind}.pt")
             found = True
@@ -136,7 +151,7 @@ def write_global_model(run_dir: str | Path, bundle: bool = True) -> Path:
     (gdir / "profile.yaml").write_text(profile_to_yaml(prof))
     jobs = {}
     for kind in ("vqvae", "prior"):
-        jf = run_dir / f"job_{kind}.json"
+        jf = RunLayout(run_dir).job_settings(kind)
         if jf.exists():
             jobs[kind] = json.loads(jf.read_text())
     (gdir / "jobs.json").write_text(json.dumps(jobs, indent=2, default=str))
@@ -257,3 +272,105 @@ def export_monai_bundle(global_dir: str | Path, out: str | Path) -> Path:
         "Needs the `synthbrain` package (fl_app) installed. See configs/metadata.json for the model card.\n"
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading it
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GlobalModel:
+    """The two networks of a (global or centralised) model and what the cohort records about them."""
+
+    vqvae: torch.nn.Module
+    prior: torch.nn.Module
+    profile: Profile
+    model_hash: str  # sha256 over vqvae.pt then prior.pt
+    epsilon: dict[str, Any] | None  # per job and site, from model_card.json (None: no DP / unknown)
+    paths: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def max_epsilon(self) -> float | None:
+        """The largest ε any site spent on any job (the guarantee a researcher can quote)."""
+        vals: list[float] = []
+
+        def walk(v: Any) -> None:
+            if isinstance(v, dict):
+                for x in v.values():
+                    walk(x)
+            elif isinstance(v, (int, float)) and math.isfinite(float(v)):
+                vals.append(float(v))
+
+        walk(self.epsilon)
+        return max(vals) if vals else None
+
+
+def _sha256(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def load_global_model(
+    model: str | Path | None = None,
+    vqvae: str | Path | None = None,
+    prior: str | Path | None = None,
+    device: str | torch.device | None = None,
+) -> GlobalModel:
+    """Load the VQ-VAE and prior from a global model dir (``--model``) or explicit paths.
+
+    ``model`` may be a federated run's ``global/`` directory or any directory holding ``vqvae.pt``
+    and ``prior.pt``; ``vqvae``/``prior`` override either file (e.g. two centralised run dirs, given
+    as directories or files). ε comes from ``model_card.json`` next to the prior, when present.
+    """
+    from fl_app.models.prior import load_prior
+    from fl_app.models.vqvae import load_vqvae
+    from fl_app.train.common import resolve_device
+
+    def pick(explicit: str | Path | None, name: str) -> Path:
+        if explicit is not None:
+            p = Path(explicit)
+            return p / name if p.is_dir() else p
+        if model is None:
+            raise ValueError(f"give --model DIR or --{name.split('.')[0]} PATH")
+        return Path(model) / name
+
+    vq_path, pr_path = pick(vqvae, "vqvae.pt"), pick(prior, "prior.pt")
+    for p in (vq_path, pr_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such model file")
+    dev = resolve_device(str(device) if device is not None else None)
+    vq, vq_prof = load_vqvae(vq_path, map_location=dev)
+    pr, pr_prof = load_prior(pr_path, map_location=dev)
+    if tuple(vq_prof.data.shape) != tuple(pr_prof.data.shape) or tuple(pr.code_shape) != tuple(
+        vq_prof.code_shape
+    ):
+        raise ValueError(
+            f"prior {pr_path} (code grid {tuple(pr.code_shape)}) does not match VQ-VAE {vq_path} "
+            f"(code grid {tuple(vq_prof.code_shape)})"
+        )
+    if pr.num_codes != vq_prof.vqvae.num_embeddings:
+        raise ValueError("prior vocabulary does not match the VQ-VAE codebook size")
+    epsilon = None
+    for d in {pr_path.parent, vq_path.parent}:
+        card = d / "model_card.json"
+        if card.is_file():
+            priv = json.loads(card.read_text()).get("privacy") or {}
+            epsilon = priv.get("site_epsilon") or epsilon
+    for name, m in (("vqvae", vq), ("prior", pr)):
+        extra = getattr(m, "checkpoint_extra", {}) or {}
+        eps = extra.get("epsilon") or (extra.get("metrics") or {}).get("epsilon")
+        if eps is not None and epsilon is None:
+            epsilon = {name: {"local": float(eps)}}
+    return GlobalModel(
+        vqvae=vq,
+        prior=pr,
+        profile=vq_prof,
+        model_hash=_sha256([vq_path, pr_path]),
+        epsilon=epsilon,
+        paths={"vqvae": str(vq_path.resolve()), "prior": str(pr_path.resolve())},
+    )

@@ -1,7 +1,7 @@
 """The ``prior`` federated job (NVFlare 2.9 recipe): ``python jobs/prior.py --env sim|poc|prod [options]``.
 
 Same as ``synthbrain fl run prior ...``; ``python jobs/prior.py --help`` lists the options. The job itself is
-built by :func:`fl_app.fl.jobs.build_recipe` (export a job folder with ``synthbrain fl export prior``).
+built by :func:`fl_app.fl.run.build_recipe` (export a job folder with ``synthbrain fl export prior``).
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """The ``vqvae`` federated job (NVFlare 2.9 recipe): ``python jobs/vqvae.py --env sim|poc|prod [options]``.
 
 Same as ``synthbrain fl run vqvae ...``; ``python jobs/vqvae.py --help`` lists the options. The job itself is
-built by :func:`fl_app.fl.jobs.build_recipe` (export a job folder with ``synthbrain fl export vqvae``).
+built by :func:`fl_app.fl.run.build_recipe` (export a job folder with ``synthbrain fl export vqvae``).
 """
 
 import argparse

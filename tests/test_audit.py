@@ -16,7 +16,7 @@ from fl_app.data.cohort import read_bids
 from fl_app.data.dataset import SiteDataset
 from fl_app.data.nifti import save_nifti
 from fl_app.evaluate.audit import add_audit_parser, combine_site_audits, site_audit, site_audit_arrays
-from fl_app.generate.cohort import gate_release, grid_affine
+from fl_app.generate.cohort_folder import gate_release, grid_affine
 from tests.conftest import default_rows, write_bids_site, write_nifti
 
 PROFILE = load_profile("cpu-demo", {"data": {"shape": [32, 32, 32], "spacing": [6.0, 6.0, 6.0], "brain_mask": "none"},

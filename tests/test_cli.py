@@ -36,6 +36,17 @@ def test_help_lists_commands():
         assert f"\n    {cmd} " in out, cmd
 
 
+def test_help_imports_no_heavy_library():
+    """``synthbrain --help`` lists every command without importing torch, MONAI or NVFlare (under a second)."""
+    code = (
+        "import sys, contextlib, io\nfrom fl_app.cli import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n    main(['--help'])\n"
+        "print(sorted(m for m in ('torch', 'monai', 'nvflare') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim")

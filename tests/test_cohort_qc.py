@@ -8,12 +8,12 @@ import re
 import matplotlib.image as mpimg
 import numpy as np
 
-from fl_app.generate.cohort import (
+from fl_app.generate.cohort_folder import (
     CohortRow,
-    _write_dataset_files,
-    _write_participants,
-    _write_subject,
     grid_affine,
+    write_dataset_files,
+    write_participants,
+    write_subject,
 )
 from fl_app.generate.qc import write_qc
 
@@ -25,15 +25,15 @@ def test_montages_and_report(tmp_path):
                                      "vqvae": {"channels": [8, 8], "num_res_channels": [8, 8]}})  # fmt: skip
     rows = [CohortRow("sub-a1", 71.5, "F", "AD"), CohortRow("sub-b2", None, "M", None)]
 
-    class _GM:  # the fields _write_dataset_files reads
+    class _GM:  # the fields write_dataset_files reads
         model_hash, epsilon, profile, max_epsilon = "ab" * 32, None, prof, None
 
-    _write_dataset_files(tmp_path, _GM(), rows)  # type: ignore[arg-type]
+    write_dataset_files(tmp_path, _GM(), rows)  # type: ignore[arg-type]
     rng = np.random.default_rng(0)
     for r in rows:
         lab = rng.integers(0, 4, (16, 16, 16)).astype(np.uint8)
-        _write_subject(tmp_path, r, lab / 3.0, lab, grid_affine(prof), {"Seed": 0})
-    _write_participants(tmp_path, rows)
+        write_subject(tmp_path, r, lab / 3.0, lab, grid_affine(prof), {"Seed": 0})
+    write_participants(tmp_path, rows)
     (tmp_path / "qc").mkdir()
     (tmp_path / "qc" / "evaluation.json").write_text(json.dumps({"summary": {"ms_ssim_gap": 0.0123}}))
     report = write_qc(tmp_path)

@@ -15,15 +15,9 @@ import torch
 
 from fl_app import __version__
 from fl_app.config import load_profile
-from fl_app.generate.cohort import (
-    add_sample_parser,
-    gate_release,
-    grid_affine,
-    load_global_model,
-    make_rows,
-    read_spec,
-    sample_cohort,
-)
+from fl_app.generate.cohort_folder import gate_release, grid_affine
+from fl_app.generate.sample_cohort import add_sample_parser, make_rows, read_spec, sample_cohort
+from fl_app.global_model import load_global_model
 from fl_app.models.prior import build_prior, save_prior
 from fl_app.models.vqvae import build_vqvae, save_vqvae
 from tests.bids import run_bids_validator

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fl_app.config import ConfigError, builtin_profiles, load_profile, load_site_config
@@ -56,3 +58,31 @@ def test_site_config(tmp_path):
     (tmp_path / "bad2.yaml").write_text("columns:\n  sex_values: {W: X}\n")
     with pytest.raises(ConfigError, match=r"columns\.sex_values\.W"):
         load_site_config(tmp_path / "bad2.yaml")
+
+
+SHIPPED_SITES = sorted((Path(__file__).resolve().parents[1] / "site_configs").glob("hospital-*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_SITES, ids=lambda p: p.stem)
+def test_shipped_site_yamls_load_whole(path, tmp_path, capsys):
+    """The site YAMLs README and COHORTS.md tell sites to pass are one config: data, privacy, compute, training."""
+    from fl_app.cli import main
+
+    cfg = load_site_config(path)
+    assert cfg.name == path.stem and cfg.path == path
+    assert cfg.privacy.epsilon_budget and cfg.compute.device == "auto" and cfg.training.batch_size is None
+    # site check and audit-site read the same file; they get past the config to the (absent) data
+    assert main(["site", "check", "--config", str(path), "--bids", str(tmp_path / "none"), "--quiet"]) == 1
+    assert "unknown key" not in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match=r"profile\.yaml"):  # the (absent) cohort, after the config
+        main(
+            [
+                "audit-site",
+                "--config",
+                str(path),
+                "--cohort",
+                str(tmp_path / "c"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )

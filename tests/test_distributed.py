@@ -113,36 +113,36 @@ def _worker(out: Path) -> None:
 
 
 def _site_yaml(tmp_path: Path, name: str, **extra) -> Path:
-    from fl_app.fl.site import write_site_yaml
+    from fl_app.config import write_site_yaml
 
     data = {"name": name, "bids_dir": str(tmp_path / "bids"), "cache_dir": str(tmp_path / "cache"), **extra}
     return write_site_yaml(tmp_path / "sites" / f"{name}.yaml", data)
 
 
 def test_site_compute_nproc_is_validated_and_dp_with_nproc_is_refused(tmp_path):
-    from fl_app.fl.site import fl_site_config_from_dict, load_fl_site_config
-    from fl_app.train.distributed import check_site_parallelism
+    from fl_app.config import load_site_config, site_config_from_dict
+    from fl_app.fl.launcher import check_site_parallelism
 
-    assert fl_site_config_from_dict({"name": "a", "bids_dir": "x"}).compute.nproc == 1
+    assert site_config_from_dict({"name": "a", "bids_dir": "x"}).compute.nproc == 1
     with pytest.raises(ConfigError, match=r"compute\.nproc"):
-        fl_site_config_from_dict({"name": "a", "bids_dir": "x", "compute": {"nproc": 0}})
+        site_config_from_dict({"name": "a", "bids_dir": "x", "compute": {"nproc": 0}})
     with pytest.raises(ConfigError, match="exceeds the 2 GPU"):
-        fl_site_config_from_dict(
+        site_config_from_dict(
             {"name": "a", "bids_dir": "x", "compute": {"device": "cuda", "gpus": [0, 1], "nproc": 3}}
         )
     dp = {"enabled": True, "epsilon_budget": 8.0}
     path = _site_yaml(tmp_path, "h-dp", compute={"nproc": 2}, privacy=dp)
-    cfg = load_fl_site_config(path)
+    cfg = load_site_config(path)
     with pytest.raises(ConfigError, match=r"compute\.nproc") as exc:
         check_site_parallelism(cfg)
     assert str(path) in str(exc.value)
     check_site_parallelism(cfg, world_size=1)  # DP in one process is fine
-    check_site_parallelism(load_fl_site_config(_site_yaml(tmp_path, "h2", compute={"nproc": 2})))
+    check_site_parallelism(load_site_config(_site_yaml(tmp_path, "h2", compute={"nproc": 2})))
 
 
 def test_launcher_command_and_recipe_launch_choice(tmp_path, monkeypatch):
-    from fl_app.fl.site import ENV_SITE_CONFIG
-    from fl_app.train import distributed as D
+    from fl_app.config import ENV_SITE_CONFIG
+    from fl_app.fl import launcher as D
 
     assert D.launch_argv("custom/c.py", ["--x", "1"], 1, python="py") == [
         "py",
@@ -161,7 +161,7 @@ def test_launcher_command_and_recipe_launch_choice(tmp_path, monkeypatch):
 
     # POC / production: the sites' YAMLs are private, so always the site launcher, with the sites' python3
     prod = D.recipe_launch_args(None)
-    assert prod == {"launch_external_process": True, "command": "python3 -u -m fl_app.train.distributed"}
+    assert prod == {"launch_external_process": True, "command": "python3 -u -m fl_app.fl.launcher"}
     _site_yaml(tmp_path, "s1")
     _site_yaml(tmp_path, "s2", compute={"nproc": 1})
     assert D.recipe_launch_args(tmp_path / "sites") == {"launch_external_process": False}
@@ -229,7 +229,7 @@ def test_two_processes_match_one_process_on_the_union_of_their_batches(tmp_path)
 def test_full_1mm_amp_setting_reaches_both_training_loops(monkeypatch):
     from fl_app.models.prior import build_prior
     from fl_app.models.vqvae import build_vqvae, encode
-    from fl_app.train import common, prior_local, vqvae_local
+    from fl_app.train import common
     from fl_app.train.prior_local import CodeDataset, make_prior_loader, train_prior_local
     from fl_app.train.vqvae_local import make_optimizer, make_vqvae_loader, train_vqvae_local
 
@@ -240,9 +240,11 @@ def test_full_1mm_amp_setting_reaches_both_training_loops(monkeypatch):
     assert prof.train.amp == "bf16"
     seen: list[tuple[str, str, bool]] = []
 
+    real_autocast = common.autocast  # the shared training loop's (fl_app.train.common.train_loop)
+
     def spy(where: str):
         def _autocast(device: torch.device, amp):
-            ctx = common.autocast(device, amp)
+            ctx = real_autocast(device, amp)
 
             class _Probe:
                 def __enter__(self):
@@ -256,8 +258,7 @@ def test_full_1mm_amp_setting_reaches_both_training_loops(monkeypatch):
 
         return _autocast
 
-    monkeypatch.setattr(vqvae_local, "autocast", spy("vqvae"))
-    monkeypatch.setattr(prior_local, "autocast", spy("prior"))
+    monkeypatch.setattr(common, "autocast", spy("vqvae"))
     torch.manual_seed(0)
     items = [{k: v[..., :16, :16, :] if v.dim() else v for k, v in it.items()} for it in _volumes(2)]
     vq = build_vqvae(prof)
@@ -272,6 +273,7 @@ def test_full_1mm_amp_setting_reaches_both_training_loops(monkeypatch):
     assert tuple(codes.shape[1:]) == tuple(prof.code_shape)
     ds = CodeDataset(codes, torch.tensor([70.0, 50.0]), torch.tensor([0, 1]), torch.tensor([0, 1]))
     prior = build_prior(prof)
+    monkeypatch.setattr(common, "autocast", spy("prior"))
     res_p = train_prior_local(prior, make_prior_loader(ds, 2, True), prof, max_steps=1, amp=prof.train.amp)
     assert torch.isfinite(torch.tensor(res_p["final"]["loss"]))
     # the profile's setting reached both loops; on CPU it is deliberately a no-op (no CPU bf16 autocast)
@@ -295,18 +297,18 @@ def test_bf16_autocast_on_cuda():
 
 @pytest.mark.slow
 def test_simulator_site_with_two_processes_reports_its_whole_sample_count(tmp_path):
+    from fl_app.config import load_site_config, write_site_yaml
     from fl_app.fl.run import run_job
     from fl_app.fl.server import read_checkpoint
-    from fl_app.fl.site import load_fl_site_config, write_site_yaml
     from tests.test_fl_sim import make_sites
 
     prof, cfg_dir, clients = make_sites(tmp_path, n_sites=2, n_subjects=4)
     multi = clients[0]
     path = cfg_dir / f"{multi}.yaml"
-    cfg = load_fl_site_config(path)
+    cfg = load_site_config(path)
     write_site_yaml(
         path,
-        {"name": multi, "bids_dir": str(cfg.site.bids_dir), "cache_dir": str(cfg.site.cache_dir), "min_subjects": 2,
+        {"name": multi, "bids_dir": str(cfg.bids_dir), "cache_dir": str(cfg.cache_dir), "min_subjects": 2,
          "compute": {"device": "cpu", "num_threads": 1, "nproc": 2}},
     )  # fmt: skip
     run = tmp_path / "run"

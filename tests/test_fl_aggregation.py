@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
+from fl_app.fl.server import SynthAggregator
 from fl_app.privacy.aggregation import (
     NUM_SAMPLES_KEY,
     AggregationStrategy,
     ClientUpdate,
     FedAvgStrategy,
-    SynthAggregator,
     load_strategy,
     weighted_average,
     weighted_metrics,

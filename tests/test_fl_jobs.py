@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from fl_app.config import load_profile
-from fl_app.fl.jobs import JobSpec, build_recipe
+from fl_app.fl.run import JobSpec, build_recipe
 
 
 def _component(cfg: dict, path_suffix: str) -> dict:
@@ -35,7 +35,7 @@ def test_exported_job_keeps_drop_out_and_memory_options(tmp_path) -> None:
     assert ex["memory_gc_rounds"] == 2
     # POC / production: the site launcher runs the client script with the site's own process count
     cmd = ex["command"]
-    assert cmd[cmd.index("-m") + 1] == "fl_app.train.distributed" and cmd[cmd.index("-m") + 2].endswith(
+    assert cmd[cmd.index("-m") + 1] == "fl_app.fl.launcher" and cmd[cmd.index("-m") + 2].endswith(
         "client_vqvae.py"
     )
     assert cmd[cmd.index("--max-steps") + 1] == "5" and cmd[cmd.index("--rounds") + 1] == "4"

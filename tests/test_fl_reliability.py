@@ -62,29 +62,29 @@ def _wait_for_round(ckpt_dir: Path, rnd: int, timeout: float, alive: Any = None)
 
 
 def _ledger(cfg_dir: Path, site: str) -> list[Any]:
+    from fl_app.config import load_site_config
     from fl_app.fl.local_dp import ledger_path
-    from fl_app.fl.site import load_fl_site_config
     from fl_app.privacy.accountant import PrivacyLedger
 
-    cfg = load_fl_site_config(cfg_dir / f"{site}.yaml")
+    cfg = load_site_config(cfg_dir / f"{site}.yaml")
     return PrivacyLedger(ledger_path(cfg), site).entries()
 
 
 @pytest.fixture(scope="module")
 def story(tmp_path_factory):
+    from fl_app.config import load_site_config, write_site_yaml
     from fl_app.fl import poc
     from fl_app.fl.run import run_job
-    from fl_app.fl.site import load_fl_site_config, write_site_yaml
     from fl_app.privacy.dp_fedavg import dp_fedavg_strategy
 
     root = tmp_path_factory.mktemp("reliability")
     prof, cfg_dir, sim_sites = make_sites(root, n_sites=2, n_subjects=4)
     clients = [*sim_sites, DROPPED]  # the third site reads the first one's (read-only) data
     for c in clients:  # local DP-SGD at every site, with its ledger in its own cache folder
-        data = load_fl_site_config(cfg_dir / f"{sim_sites[0] if c == DROPPED else c}.yaml")
+        data = load_site_config(cfg_dir / f"{sim_sites[0] if c == DROPPED else c}.yaml")
         write_site_yaml(
             cfg_dir / f"{c}.yaml",
-            {"name": c, "bids_dir": str(data.site.bids_dir), "cache_dir": str(root / "cache" / c),
+            {"name": c, "bids_dir": str(data.bids_dir), "cache_dir": str(root / "cache" / c),
              "min_subjects": 2, "compute": {"device": "cpu", "num_threads": 1},
              "privacy": {"enabled": True, "noise_multiplier": 1.0, "epsilon_budget": 1000.0,
                          "release": ["accounting", "metrics"]}},
@@ -243,14 +243,14 @@ def test_every_process_stopped(story):
 def test_file_unreadable_mid_job_is_skipped_and_counted(tmp_path):
     """Simulator: after round 0, one training scan of site-1 is truncated (its preprocessed copy is still
     in the cache); the client excludes it, reports the count only, and keeps training on the others."""
+    from fl_app.config import load_site_config
     from fl_app.data.cohort import read_cohort
     from fl_app.data.dataset import split_indices
     from fl_app.fl.server import read_checkpoint
-    from fl_app.fl.site import load_fl_site_config
 
     prof, cfg_dir, clients = make_sites(tmp_path, n_sites=2, n_subjects=4)
-    cfg = load_fl_site_config(cfg_dir / "site-1.yaml")
-    subjects = read_cohort(cfg.site).valid()
+    cfg = load_site_config(cfg_dir / "site-1.yaml")
+    subjects = read_cohort(cfg).valid()
     train_idx, _ = split_indices(len(subjects), prof["train"]["val_fraction"], 0)
     victim = subjects[train_idx[0]]
     run = tmp_path / "run"

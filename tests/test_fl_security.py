@@ -217,7 +217,7 @@ def test_only_authorised_roles_submit_and_abort_jobs(deployment):
     from nvflare.fuel.flare_api.api_spec import AuthorizationError
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
-    from fl_app.fl.jobs import JobSpec, build_recipe
+    from fl_app.fl.run import JobSpec, build_recipe
 
     root, p1, procs = deployment["root"], deployment["p1"], deployment["procs"]
     spec = JobSpec(kind="vqvae", profile=deployment["profile"], num_clients=1, num_rounds=50,

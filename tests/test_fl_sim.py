@@ -38,8 +38,8 @@ TINY = {
 
 def make_sites(root: Path, n_sites: int = 2, n_subjects: int = 4) -> tuple[dict, Path, list[str]]:
     """Simulated BIDS sites + their site YAMLs; returns (profile dict, site-config folder, site names)."""
+    from fl_app.config import write_site_yaml
     from fl_app.data.simulate import simulate_sites
-    from fl_app.fl.site import write_site_yaml
 
     prof = load_profile("cpu-demo", TINY)
     sites = simulate_sites(root / "data", n_sites, n_subjects, prof, seed=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from fl_app.cli import main
-from fl_app.generate.cohort import load_global_model
+from fl_app.global_model import load_global_model
 from fl_app.pretrain import PRETRAIN_SEED, sha256_file
 
 

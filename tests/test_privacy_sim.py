@@ -29,8 +29,8 @@ TARGET_EPS = 4.0
 def dp_run(tmp_path_factory):
     import os
 
+    from fl_app.fl.leak_audit import AUDIT_ENV, ResultAuditFilter
     from fl_app.fl.run import run_job
-    from fl_app.privacy.audit import AUDIT_ENV, ResultAuditFilter
     from fl_app.privacy.dp_fedavg import dp_fedavg_strategy
 
     root = tmp_path_factory.mktemp("dpfl")
@@ -126,10 +126,10 @@ def test_leak_audit_every_result_is_the_dp_mechanisms_output(dp_run):
     """Only expected keys leave site-1, and each update is exactly the replay of the DP optimiser's
     released (clipped + noised) gradients from the received weights; the released gradients carry at
     least the Gaussian noise σC/B they should."""
+    from fl_app.fl.leak_audit import replay_round
     from fl_app.fl.local_dp import ACCOUNTING_METRICS, DATA_INDEPENDENT_METRICS
     from fl_app.fl.server import FROZEN_PREFIX
     from fl_app.privacy.aggregation import NUM_SAMPLES_KEY
-    from fl_app.privacy.audit import replay_round
 
     allowed_metrics = ACCOUNTING_METRICS | DATA_INDEPENDENT_METRICS
     allowed_meta = {"initial_metrics", NUM_SAMPLES_KEY}

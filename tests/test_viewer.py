@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 
 from fl_app.cli import main
-from fl_app.generate.cohort import (
+from fl_app.generate.cohort_folder import (
     CohortRow,
-    _write_dataset_files,
-    _write_participants,
-    _write_subject,
     gate_release,
+    write_dataset_files,
+    write_participants,
+    write_subject,
 )
 from fl_app.generate.qc import write_qc
 from fl_app.viewer import NIIVUE_SHA256, ViewerEntry, write_viewer_page
@@ -46,13 +46,13 @@ def cohort(tmp_path, head, profile):
     """A synthbrain cohort folder of 4 head-like subjects (4 mm) with label maps, as `sample` writes it."""
     data, label, aff = head
 
-    class _GM:  # the fields _write_dataset_files reads
+    class _GM:  # the fields write_dataset_files reads
         model_hash, epsilon, profile, max_epsilon = "ab" * 32, None, None, 3.2
 
     _GM.profile = profile
     out = tmp_path / "cohort"
     out.mkdir()
-    _write_dataset_files(out, _GM(), ROWS)  # type: ignore[arg-type]
+    write_dataset_files(out, _GM(), ROWS)  # type: ignore[arg-type]
     (out / "code" / "synthbrain").mkdir(parents=True, exist_ok=True)
     from fl_app.config import profile_to_yaml
 
@@ -66,8 +66,8 @@ def cohort(tmp_path, head, profile):
 
             lab[(lab == 2) & ~ndimage.binary_erosion(label > 0, iterations=2)] = 1
         noisy = (img + rng.normal(0, 0.01, img.shape)).astype(np.float32)
-        _write_subject(out, r, noisy, lab, aff, {"Seed": 100 + k, "Temperature": 1.0, "TopK": None})
-    _write_participants(out, ROWS)
+        write_subject(out, r, noisy, lab, aff, {"Seed": 100 + k, "Temperature": 1.0, "TopK": None})
+    write_participants(out, ROWS)
     return out
 
 

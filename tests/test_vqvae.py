@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.networks.layers.vector_quantizer import EMAQuantizer
 
-from fl_app.config import load_profile, profile_from_dict
+from fl_app.config import ConfigError, load_profile, profile_from_dict
 from fl_app.models.quantizer import LossQuantizer, restart_dead_codes
 from fl_app.models.vqvae import (
     activation_memory_bytes,
@@ -97,7 +97,9 @@ def test_dp_mode_has_no_buffers_and_uses_loss_codebook() -> None:
     p = tiny_profile(quantiser="ema")
     ema = build_vqvae(p)
     assert isinstance(ema.codebook, EMAQuantizer) and len(list(ema.buffers())) > 0
-    dp = build_vqvae(p, dp=True)
+    with pytest.raises(ConfigError, match=r"vqvae\.quantiser: 'ema' is not DP-safe"):
+        build_vqvae(p, dp=True)  # the profile chooses the quantiser; DP refuses a data-dependent one
+    dp = build_vqvae(tiny_profile(quantiser="loss"), dp=True)
     assert isinstance(dp.codebook, LossQuantizer) and dp.dp
     assert list(dp.buffers()) == []
     params = dict(dp.named_parameters())

@@ -150,7 +150,7 @@ def test_forward_alone_changes_nothing_in_dp_mode_but_does_with_ema() -> None:
     label = torch.stack([d["label"] for d in dataset(2)])
     for dp, expect_change in ((True, False), (False, True)):
         torch.manual_seed(0)
-        m = build_vqvae(tiny_profile(quantiser="ema"), dp=dp).train()
+        m = build_vqvae(tiny_profile(quantiser="loss" if dp else "ema"), dp=dp).train()
         before = {k: v.detach().clone() for k, v in m.state_dict().items()}
         out, qloss, _ = m(make_input(image, label, True))
         (out.mean() + qloss).backward()
@@ -198,7 +198,7 @@ def test_dp_refuses_ema_codebook_and_adversarial_term() -> None:
         train_vqvae_local(gm, loader, p, optimizer=dp_opt, max_steps=1)
     from fl_app.train.vqvae_local import build_discriminator
 
-    _, gm2, dp_opt2, loader2 = private(build_vqvae(p, dp=True), dataset(2))
+    _, gm2, dp_opt2, loader2 = private(build_vqvae(tiny_profile(quantiser="loss"), dp=True), dataset(2))
     disc = build_discriminator(p, channels=4, num_layers=2)
     with pytest.raises(ValueError, match="adversarial"):
         train_vqvae_local(

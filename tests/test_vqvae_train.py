@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from fl_app.config import profile_from_dict
+from fl_app.config import parse_overrides, profile_from_dict
 from fl_app.models.vqvae import build_vqvae, load_vqvae, make_input
 from fl_app.train.vqvae_local import (
     add_train_local_vqvae_parser,
@@ -16,7 +16,6 @@ from fl_app.train.vqvae_local import (
     evaluate_vqvae,
     make_optimizer,
     make_vqvae_loader,
-    parse_overrides,
     train_vqvae_local,
 )
 

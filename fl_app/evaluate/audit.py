@@ -13,7 +13,7 @@ returns only an aggregate :class:`dict`:
   no per-training-subject value leaves the site).
 
 :func:`combine_site_audits` merges the site answers at the coordinator; ``synthbrain sample
---audit-site ...`` withholds flagged subjects from the release.
+--audit-site ...`` withholds flagged subjects from the release (:func:`gate_cohort`).
 
 Distance: each volume (profile grid, intensities in [0, 1]) is smoothed with a Gaussian
 (σ = 1 voxel) and down-sampled by 2 before the root-mean-square voxel difference. Smoothing removes
@@ -40,6 +40,7 @@ __all__ = [
     "audit_cohort_locally",
     "audit_embedding",
     "combine_site_audits",
+    "gate_cohort",
     "load_site_audit",
     "nn_distances",
     "site_audit",
@@ -114,7 +115,7 @@ def site_audit_arrays(
 def _cohort_images(cohort: str | Path) -> tuple[list[np.ndarray], list[str]]:
     import nibabel as nib
 
-    from fl_app.generate.cohort import read_cohort_dir
+    from fl_app.generate.cohort_folder import read_cohort_dir
 
     subs = read_cohort_dir(cohort)
     imgs = [
@@ -192,9 +193,41 @@ def load_site_audit(path: str | Path) -> dict[str, Any]:
     return d
 
 
+def gate_cohort(
+    out: str | Path,
+    profile: Any,
+    audit_site: Sequence[str | Path] | None,
+    audit_against: Sequence[str | Path] | None,
+    quantile: float = 0.05,
+    no_gate: bool = False,
+) -> int:
+    """The release gate of a written cohort: combine the site audits (``audit_site`` JSONs, and/or this
+    audit run here against ``audit_against`` BIDS sites), write ``code/synthbrain/audit.json`` and withhold
+    the flagged subjects (:func:`~fl_app.generate.cohort_folder.gate_release`); with ``no_gate`` keep them
+    and return 1. Returns 0 otherwise."""
+    from fl_app.generate.cohort_folder import gate_release, write_json
+
+    results = [load_site_audit(p) for p in audit_site or []]
+    if audit_against:
+        results += audit_cohort_locally(out, audit_against, profile, quantile=quantile)
+    summary = combine_site_audits(results)
+    write_json(Path(out) / "code" / "synthbrain" / "audit.json", summary)
+    flagged = summary["flagged"]
+    if not flagged:
+        print(f"memorisation audit: 0 of {summary['n_samples']} subjects flagged by {len(results)} site(s)")
+        return 0
+    if no_gate:
+        print(f"WARNING: the memorisation audit flagged {len(flagged)} subjects (kept: --no-gate)")
+        return 1
+    reasons = {pid: f"audit: closer than site threshold ({', '.join(s)})" for pid, s in flagged.items()}
+    gone = gate_release(out, reasons)
+    print(f"memorisation audit: withheld {len(gone)} flagged subjects: {', '.join(sorted(flagged))}")
+    return 0
+
+
 def _run_audit_site(args: argparse.Namespace) -> int:
     from fl_app.config import SiteConfig, load_site_config
-    from fl_app.generate.cohort import cohort_profile
+    from fl_app.generate.cohort_folder import cohort_profile
 
     cfg = load_site_config(args.config) if args.config else SiteConfig()
     bids = args.bids or cfg.bids_dir

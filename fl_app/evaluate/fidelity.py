@@ -77,7 +77,7 @@ def load_cohort_subjects(cohort: str | Path) -> Subjects:
     """The synthetic cohort's T1w + dseg volumes (RAS grid) and prescribed covariates."""
     import nibabel as nib
 
-    from fl_app.generate.cohort import read_cohort_dir
+    from fl_app.generate.cohort_folder import read_cohort_dir
 
     subs = [s for s in read_cohort_dir(cohort) if s["dseg"] is not None]
     if not subs:
@@ -401,7 +401,7 @@ def _is_simulated(bids_dir: Path) -> bool:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from fl_app.generate.cohort import cohort_profile
+    from fl_app.generate.cohort_folder import cohort_profile
 
     try:
         profile = cohort_profile(args.cohort, args.profile)

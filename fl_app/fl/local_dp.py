@@ -30,7 +30,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from fl_app.fl.site import FLSiteConfig
+from fl_app.config import SiteConfig
 from fl_app.privacy.accountant import LedgerEntry, PrivacyBudgetExceeded, PrivacyLedger, noise_multiplier_for
 
 log = logging.getLogger(__name__)
@@ -54,19 +54,19 @@ ACCOUNTING_METRICS = frozenset(
 """Released with ``privacy.release: [accounting]``: they reveal the site's subject count (q = B / n)."""
 
 
-def ledger_path(cfg: FLSiteConfig) -> Path:
+def ledger_path(cfg: SiteConfig) -> Path:
     """The site's ledger file: ``privacy.ledger``, else ``<cache_dir>/privacy_ledger.json``."""
     if cfg.privacy.ledger is not None:
         return Path(cfg.privacy.ledger)
-    if cfg.site.cache_dir is None:
+    if cfg.cache_dir is None:
         raise ValueError(
             f"site {cfg.name}: local DP needs a state folder for the privacy ledger: set cache_dir "
             "or privacy.ledger in the site YAML"
         )
-    return Path(cfg.site.cache_dir) / "privacy_ledger.json"
+    return Path(cfg.cache_dir) / "privacy_ledger.json"
 
 
-def released_metrics(metrics: dict[str, float], cfg: FLSiteConfig, dp_on: bool) -> dict[str, float]:
+def released_metrics(metrics: dict[str, float], cfg: SiteConfig, dp_on: bool) -> dict[str, float]:
     """The metrics a client may send: all of them without DP; under DP only data-independent ones plus
     the exceptions the site accepted in ``privacy.release``."""
     if not dp_on:
@@ -93,7 +93,7 @@ class SiteDP:
 
     def __init__(
         self,
-        cfg: FLSiteConfig,
+        cfg: SiteConfig,
         job_id: str,
         job: str,
         planned_rounds: int,
@@ -161,7 +161,7 @@ class SiteDP:
             self.cfg.name, self.job, sigma, self.p.max_grad_norm, self.sample_rate, self.steps_per_round,
             self.planned_rounds, self.target_epsilon, self.p.delta,
         )  # fmt: skip
-        from fl_app.privacy.audit import audit_dir, enable_optimizer_audit
+        from fl_app.fl.leak_audit import audit_dir, enable_optimizer_audit
 
         if audit_dir():  # leak-audit mode (tests): record the released gradients of every DP step
             self._audit = enable_optimizer_audit(out[1], named, Path(audit_dir()) / self.cfg.name / self.job)

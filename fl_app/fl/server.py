@@ -9,7 +9,7 @@ per-round metrics history. It also writes the global model in synthbrain's own f
 :func:`fl_app.models.prior.load_prior`).
 
 :class:`SynthFedAvg` is NVFlare's FedAvg controller (streaming aggregation through the pluggable
-:class:`fl_app.privacy.aggregation.SynthAggregator`) plus *resume*: when the persistor finds a
+:class:`SynthAggregator`) plus *resume*: when the persistor finds a
 checkpoint of round ``r``, the job continues with round ``r + 1`` instead of starting over, so a
 server stopped mid-job and the job submitted again lose at most the round in flight.
 
@@ -20,6 +20,7 @@ outlives the job's own run folder.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,23 @@ from typing import Any
 import numpy as np
 import torch
 from nvflare.apis.fl_context import FLContext
-from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
+from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.fedavg import FedAvg
+
+from fl_app.privacy.aggregation import (
+    DEFAULT_STRATEGY,
+    NUM_SAMPLES_KEY,
+    ClientUpdate,
+    load_strategy,
+    weighted_metrics,
+)
+from fl_app.run_layout import global_file_name
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "synthbrain-fl-checkpoint/1"
 FROZEN_PREFIX = "vqvae."
@@ -40,6 +53,7 @@ FROZEN_PREFIX = "vqvae."
 __all__ = [
     "CHECKPOINT_FORMAT",
     "FROZEN_PREFIX",
+    "SynthAggregator",
     "SynthFedAvg",
     "SynthPersistor",
     "build_initial_state",
@@ -63,7 +77,7 @@ def build_initial_state(
     Args:
         model_kind: ``"vqvae"`` or ``"prior"``.
         profile: resolved profile dict (``Profile.model_dump(mode="json")``).
-        dp: build the DP-compatible VQ-VAE (loss-learned codebook).
+        dp: the job is for sites running DP-SGD: refuse a VQ-VAE quantiser that is not DP-safe.
         frozen_vqvae: prior job only: the global VQ-VAE file of the first job (``global_vqvae.pt``).
         seed: torch seed of the initialisation.
 
@@ -96,9 +110,7 @@ def build_initial_state(
         prior = build_prior(prof)
         params = _to_numpy(prior.state_dict())
         params.update({FROZEN_PREFIX + k: v for k, v in _to_numpy(vq.state_dict()).items()})
-        out = prof.model_dump(mode="json")
-        out["_vqvae_dp"] = bool(vq.dp)
-        return params, out
+        return params, prof.model_dump(mode="json")
     raise ValueError(f"model_kind must be 'vqvae' or 'prior', got {model_kind!r}")
 
 
@@ -189,9 +201,14 @@ class SynthPersistor(ModelPersistor):
         if frozen and not Path(frozen).is_absolute():
             frozen = str(Path(os.getcwd()) / frozen)
         params, profile = build_initial_state(self.model_kind, self.profile, self.dp, frozen, self.seed)
-        dp = bool(profile.pop("_vqvae_dp", self.dp))
         self.log_info(fl_ctx, f"initial {self.model_kind} model: {len(params)} tensors")
-        meta = {"last_round": -1, "history": [], "profile": profile, "model_kind": self.model_kind, "dp": dp}
+        meta = {
+            "last_round": -1,
+            "history": [],
+            "profile": profile,
+            "model_kind": self.model_kind,
+            "dp": self.dp,
+        }
         return make_model_learnable(params, meta)
 
     def save_model(self, model: ModelLearnable, fl_ctx: FLContext) -> None:
@@ -221,21 +238,21 @@ class SynthPersistor(ModelPersistor):
 
         prof = profile_from_dict(payload["profile"], source="checkpoint profile")
         extra = {"round": payload["round"], "federated": True}
+        tmp = ckpt_dir / (global_file_name(self.model_kind) + ".tmp")
         params = payload["params"]
         if self.model_kind == "vqvae":
             from fl_app.models.vqvae import build_vqvae, save_vqvae
 
             m = build_vqvae(prof, dp=payload["dp"])
             m.load_state_dict(params)
-            save_vqvae(m, prof, ckpt_dir / "global_vqvae.pt.tmp", extra=extra)
-            os.replace(ckpt_dir / "global_vqvae.pt.tmp", ckpt_dir / "global_vqvae.pt")
+            save_vqvae(m, prof, tmp, extra=extra)
         else:
             from fl_app.models.prior import build_prior, save_prior
 
             m = build_prior(prof)
             m.load_state_dict({k: v for k, v in params.items() if not k.startswith(FROZEN_PREFIX)})
-            save_prior(m, prof, ckpt_dir / "global_prior.pt.tmp", extra=extra)
-            os.replace(ckpt_dir / "global_prior.pt.tmp", ckpt_dir / "global_prior.pt")
+            save_prior(m, prof, tmp, extra=extra)
+        os.replace(tmp, ckpt_dir / global_file_name(self.model_kind))
 
 
 def _to_numpy_dict(params: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -255,7 +272,7 @@ class SynthFedAvg(FedAvg):
         num_clients: clients per round (every participating site when it is at least their number).
         num_rounds: total rounds of the job (a resumed job runs only the remaining ones).
         persistor_id: the :class:`SynthPersistor` component's id.
-        aggregator: a ``ModelAggregator`` (normally :class:`fl_app.privacy.aggregation.SynthAggregator`).
+        aggregator: a ``ModelAggregator`` (normally :class:`SynthAggregator`).
         task_name: the client task.
         min_sites: replies needed before a round may close (0: every targeted site).
         round_timeout: seconds to wait for the remaining sites once ``min_sites`` have replied (0: do not
@@ -370,3 +387,71 @@ class SynthFedAvg(FedAvg):
         self.info(f"round {self.current_round} global metrics: {record['metrics']}")
         model.meta = {**self._static_meta, "last_round": int(self.current_round), "history": self._history}
         return model
+
+
+# --------------------------------------------------------------------------- aggregation (NVFlare adapter)
+
+
+class SynthAggregator(ModelAggregator):
+    """NVFlare ``ModelAggregator`` running an :class:`AggregationStrategy` over one round's updates.
+
+    Args:
+        strategy_path: dotted path of the strategy class (default :class:`FedAvgStrategy`).
+        strategy_args: its keyword arguments.
+
+    The aggregated ``FLModel`` is a ``DIFF`` whose ``metrics`` are the sample-weighted client metrics
+    and whose ``meta["site_metrics"]`` holds each site's own metrics and sample count, and
+    ``meta["aggregation"]`` the strategy's :meth:`~AggregationStrategy.describe`.
+    """
+
+    def __init__(self, strategy_path: str = DEFAULT_STRATEGY, strategy_args: dict | None = None) -> None:
+        super().__init__()
+        self.strategy_path = strategy_path
+        self.strategy_args = strategy_args
+        self.strategy = load_strategy(strategy_path, strategy_args)
+        self._updates: list[ClientUpdate] = []
+        self._round = 0
+
+    def accept_model(self, model: FLModel) -> None:
+        meta = model.meta or {}
+        site = str(meta.get("client_name") or f"client-{len(self._updates)}")
+        if model.params_type not in (ParamsType.DIFF, "DIFF"):
+            raise ValueError(
+                f"{site}: synthbrain clients send weight updates (DIFF), got {model.params_type}"
+            )
+        n = meta.get(NUM_SAMPLES_KEY, 0)
+        metrics = {k: float(v) for k, v in (model.metrics or {}).items() if isinstance(v, (int, float))}
+        self._updates.append(
+            ClientUpdate(site=site, delta=dict(model.params or {}), num_samples=int(n or 0), metrics=metrics)
+        )
+        if model.current_round is not None:
+            self._round = int(model.current_round)
+        log.info("accepted update from %s (%d samples)", site, int(n or 0))
+
+    def aggregate_model(self) -> FLModel:
+        if not self._updates:
+            # every site refused (e.g. privacy budgets spent) or failed: the global model stays as it is,
+            # nothing was computed from any data, so no privacy is spent on the server either
+            log.warning(
+                "round %d: no client updates (all sites refused or failed); model unchanged", self._round
+            )
+            return FLModel(
+                params={},
+                params_type=ParamsType.DIFF,
+                metrics={},
+                meta={"site_metrics": {}, "aggregation": {**self.strategy.describe(), "round_noised": False}},
+            )
+        updates = sorted(self._updates, key=lambda u: u.site)  # arrival order must not matter
+        delta = self.strategy.aggregate(updates, self._round)
+        site_metrics = {u.site: {**u.metrics, "num_samples": u.num_samples} for u in updates}
+        result = FLModel(
+            params=delta,
+            params_type=ParamsType.DIFF,
+            metrics=weighted_metrics(updates),
+            meta={"site_metrics": site_metrics, "aggregation": self.strategy.describe()},
+        )
+        self.reset_stats()
+        return result
+
+    def reset_stats(self) -> None:
+        self._updates = []

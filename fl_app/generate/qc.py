@@ -185,7 +185,7 @@ def write_qc(cohort: str | Path, progress: bool = False, overwrite: bool = False
     ``qc/report.html``; includes ``qc/evaluation.json`` when present. Returns the report path."""
     from tqdm.auto import tqdm
 
-    from fl_app.generate.cohort import read_cohort_dir
+    from fl_app.generate.cohort_folder import read_cohort_dir
 
     cohort = Path(cohort)
     subjects = read_cohort_dir(cohort)

@@ -431,9 +431,6 @@ def unwrap_prior(model: nn.Module) -> ConditionalPrior:
     return m
 
 
-_unwrap = unwrap_prior  # old name, still imported by fl_app.train.client_prior
-
-
 def save_prior(
     model: nn.Module, profile: Profile, path: str | Path, extra: dict[str, Any] | None = None
 ) -> Path:

@@ -10,8 +10,9 @@ decoder outputs the image plus 4 label logits. *Image-only* mode: 1 channel in, 
 Quantiser modes: ``"ema"`` is MONAI's EMA codebook (buffers updated in ``forward`` from raw batch
 statistics); ``"loss"`` is :class:`fl_app.models.quantizer.LossQuantizer` (codebook learned through
 the loss); ``"fsq"`` is :class:`fl_app.models.quantizer.FSQuantizer` (finite scalar quantisation: no
-codebook, no state). ``build_vqvae(..., dp=True)`` replaces ``"ema"`` by ``"loss"``, so that every exported
-tensor is a parameter updated only by the (DP) optimiser.
+codebook, no state). The profile's ``vqvae.quantiser`` chooses; ``build_vqvae(..., dp=True)`` (a model for
+DP-SGD) refuses a quantiser with data-dependent state (``"ema"``), so that every exported tensor is a parameter
+updated only by the (DP) optimiser.
 
 Public API::
 
@@ -23,7 +24,6 @@ Public API::
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,11 @@ from monai.networks.layers.vector_quantizer import EMAQuantizer, VectorQuantizer
 from monai.networks.nets import VQVAE
 from torch import nn
 
-from fl_app.config import TISSUE_LABELS, Profile, profile_from_dict
+from fl_app.config import TISSUE_LABELS, ConfigError, Profile, profile_from_dict
 from fl_app.models.quantizer import FSQuantizer, LossQuantizer
+from fl_app.train.common import autocast
 
 __all__ = [
-    "DP_SAFE_QUANTISERS",
     "NUM_TISSUE_CLASSES",
     "SynthVQVAE",
     "activation_memory_bytes",
@@ -51,8 +51,6 @@ __all__ = [
 ]
 
 NUM_TISSUE_CLASSES = len(TISSUE_LABELS)
-# quantisers whose every tensor is a parameter changed only by the optimiser (or that have none)
-DP_SAFE_QUANTISERS = ("loss", "fsq")
 CHECKPOINT_FORMAT = "synthbrain-vqvae/1"
 
 
@@ -63,7 +61,7 @@ class SynthVQVAE(nn.Module):
         net: the MONAI VQVAE (``net.encoder``, ``net.quantizer.quantizer``, ``net.decoder``).
         joint: input = image + one-hot labels, output = image + label logits.
         quantiser: ``"ema"``, ``"loss"`` or ``"fsq"``.
-        dp: built for differentially private training (implies a quantiser in ``DP_SAFE_QUANTISERS``).
+        dp: built for differentially private training (its quantiser has no data-dependent state).
         num_embeddings, embedding_dim, downsample_factor: codebook size K, code dimension D, f.
     """
 
@@ -133,14 +131,15 @@ def build_vqvae(profile: Profile, joint: bool | None = None, dp: bool = False) -
     Args:
         profile: the consortium profile (``profile.vqvae`` fixes channels, levels, codebook).
         joint: image + tissue labels (default: ``profile.vqvae.joint_labels``); False = image only.
-        dp: build for DP-SGD: forces the loss-learned codebook (no data-dependent buffers).
+        dp: build for DP-SGD: refuse (:class:`~fl_app.config.ConfigError`) a quantiser with data-dependent
+            buffers, e.g. MONAI's EMA codebook; the quantiser itself is always ``profile.vqvae.quantiser``.
 
     Returns:
         :class:`SynthVQVAE` whose code grid is ``profile.code_shape``.
     """
     cfg = profile.vqvae
     joint = cfg.joint_labels if joint is None else bool(joint)
-    quantiser = "loss" if dp and cfg.quantiser not in DP_SAFE_QUANTISERS else cfg.quantiser
+    quantiser = cfg.quantiser
     n_levels = len(cfg.channels)
     channels_io = 1 + (NUM_TISSUE_CLASSES if joint else 0)
     net = VQVAE(
@@ -177,6 +176,11 @@ def build_vqvae(profile: Profile, joint: bool | None = None, dp: bool = False) -
         net.quantizer = VectorQuantizer(quantizer=FSQuantizer(3, cfg.fsq_levels))  # type: ignore[arg-type]
     else:
         assert isinstance(net.quantizer.quantizer, EMAQuantizer)
+    if dp and any(True for _ in net.quantizer.buffers()):
+        raise ConfigError(
+            f"vqvae.quantiser: {quantiser!r} is not DP-safe (its codebook moves with batch statistics, outside "
+            "the DP optimiser); a site running DP-SGD needs a DP-safe quantiser, e.g. vqvae.quantiser: loss"
+        )
     return SynthVQVAE(net, joint=joint, quantiser=quantiser, dp=dp, downsample_factor=cfg.downsample_factor)
 
 
@@ -211,12 +215,6 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _autocast(device: torch.device, amp: bool):
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp)
-
-
 @torch.no_grad()
 def encode(
     model: nn.Module,
@@ -246,7 +244,7 @@ def encode(
         for s in range(0, image.shape[0], batch_size):
             img = image[s : s + batch_size].to(dev, torch.float32)
             lab = None if label is None else label[s : s + batch_size].to(dev)
-            with _autocast(dev, amp):
+            with autocast(dev, amp):
                 out.append(m.encode_indices(make_input(img, lab, m.joint)))
         codes = torch.cat(out) if out else torch.empty(0, dtype=torch.long)
     finally:
@@ -281,7 +279,7 @@ def decode(
     try:
         outs = []
         for s in range(0, codes.shape[0], batch_size):
-            with _autocast(dev, amp):
+            with autocast(dev, amp):
                 outs.append(m.decode_indices(codes[s : s + batch_size].to(dev).long()).float())
         out = torch.cat(outs).to(codes.device)
     finally:
@@ -320,8 +318,9 @@ def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a synthbrain VQ-VAE checkpoint")
     profile = profile_from_dict(payload["profile"], source=str(path))
-    if payload["quantiser"] == "loss" and not payload["dp"]:
-        profile = profile.model_copy(update={"vqvae": profile.vqvae.model_copy(update={"quantiser": "loss"})})
+    if payload["quantiser"] != profile.vqvae.quantiser:  # older DP checkpoints: the profile named another
+        vq = profile.vqvae.model_copy(update={"quantiser": payload["quantiser"]})
+        profile = profile.model_copy(update={"vqvae": vq})
     model = build_vqvae(profile, joint=payload["joint"], dp=payload["dp"])
     if model.quantiser != payload["quantiser"]:
         raise ValueError(f"{path}: quantiser {payload['quantiser']!r} does not match the rebuilt model")

@@ -11,8 +11,8 @@ and return ``dict[str, numpy.ndarray]``, so unit tests (and the DP issue's DP-Fe
         def describe(self):
             return {"name": "dp-fedavg", "noise_multiplier": σ, "clip": C, "epsilon": ...}
 
-:class:`SynthAggregator` is the NVFlare ``ModelAggregator`` that the federated jobs put into the FedAvg
-controller; it gathers :class:`ClientUpdate` objects and calls the configured strategy, named by its
+:class:`fl_app.fl.server.SynthAggregator` is the NVFlare ``ModelAggregator`` that the federated jobs put
+into the FedAvg controller; it gathers :class:`ClientUpdate` objects and calls the configured strategy, named by its
 dotted class path (``strategy_path``) and keyword arguments (``strategy_args``), so a job switches to
 DP-FedAvg by changing two strings in its definition.
 """
@@ -35,7 +35,6 @@ __all__ = [
     "AggregationStrategy",
     "ClientUpdate",
     "FedAvgStrategy",
-    "SynthAggregator",
     "load_strategy",
     "weighted_average",
     "weighted_metrics",
@@ -164,74 +163,3 @@ def load_strategy(path: str = DEFAULT_STRATEGY, args: Mapping[str, Any] | None =
     if not isinstance(strategy, AggregationStrategy):
         raise TypeError(f"{path} is not an AggregationStrategy")
     return strategy
-
-
-# --------------------------------------------------------------------------- NVFlare adapter
-
-from nvflare.app_common.abstract.fl_model import FLModel, ParamsType  # noqa: E402
-from nvflare.app_common.aggregators.model_aggregator import ModelAggregator  # noqa: E402
-
-
-class SynthAggregator(ModelAggregator):
-    """NVFlare ``ModelAggregator`` running an :class:`AggregationStrategy` over one round's updates.
-
-    Args:
-        strategy_path: dotted path of the strategy class (default :class:`FedAvgStrategy`).
-        strategy_args: its keyword arguments.
-
-    The aggregated ``FLModel`` is a ``DIFF`` whose ``metrics`` are the sample-weighted client metrics
-    and whose ``meta["site_metrics"]`` holds each site's own metrics and sample count, and
-    ``meta["aggregation"]`` the strategy's :meth:`~AggregationStrategy.describe`.
-    """
-
-    def __init__(self, strategy_path: str = DEFAULT_STRATEGY, strategy_args: dict | None = None) -> None:
-        super().__init__()
-        self.strategy_path = strategy_path
-        self.strategy_args = strategy_args
-        self.strategy = load_strategy(strategy_path, strategy_args)
-        self._updates: list[ClientUpdate] = []
-        self._round = 0
-
-    def accept_model(self, model: FLModel) -> None:
-        meta = model.meta or {}
-        site = str(meta.get("client_name") or f"client-{len(self._updates)}")
-        if model.params_type not in (ParamsType.DIFF, "DIFF"):
-            raise ValueError(
-                f"{site}: synthbrain clients send weight updates (DIFF), got {model.params_type}"
-            )
-        n = meta.get(NUM_SAMPLES_KEY, 0)
-        metrics = {k: float(v) for k, v in (model.metrics or {}).items() if isinstance(v, (int, float))}
-        self._updates.append(
-            ClientUpdate(site=site, delta=dict(model.params or {}), num_samples=int(n or 0), metrics=metrics)
-        )
-        if model.current_round is not None:
-            self._round = int(model.current_round)
-        log.info("accepted update from %s (%d samples)", site, int(n or 0))
-
-    def aggregate_model(self) -> FLModel:
-        if not self._updates:
-            # every site refused (e.g. privacy budgets spent) or failed: the global model stays as it is,
-            # nothing was computed from any data, so no privacy is spent on the server either
-            log.warning(
-                "round %d: no client updates (all sites refused or failed); model unchanged", self._round
-            )
-            return FLModel(
-                params={},
-                params_type=ParamsType.DIFF,
-                metrics={},
-                meta={"site_metrics": {}, "aggregation": {**self.strategy.describe(), "round_noised": False}},
-            )
-        updates = sorted(self._updates, key=lambda u: u.site)  # arrival order must not matter
-        delta = self.strategy.aggregate(updates, self._round)
-        site_metrics = {u.site: {**u.metrics, "num_samples": u.num_samples} for u in updates}
-        result = FLModel(
-            params=delta,
-            params_type=ParamsType.DIFF,
-            metrics=weighted_metrics(updates),
-            meta={"site_metrics": site_metrics, "aggregation": self.strategy.describe()},
-        )
-        self.reset_stats()
-        return result
-
-    def reset_stats(self) -> None:
-        self._updates = []

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from fl_app.privacy.accountant import PrivacyLedger, epsilon_from_history
+from fl_app.run_layout import JOBS, RunLayout
 
 __all__ = ["add_privacy_parser", "attach_to_model_card", "format_report", "main", "privacy_report"]
-
-JOBS = ("vqvae", "prior")
 
 
 def _fin(x: Any) -> Any:
@@ -105,7 +104,8 @@ def privacy_report(
     run_dir = Path(run_dir)
     histories: dict[str, list[dict]] = {}
     for kind in JOBS:
-        ck = read_checkpoint(run_dir / "fl" / kind) if (run_dir / "fl" / kind).exists() else None
+        job_dir = RunLayout(run_dir).job_dir(kind)
+        ck = read_checkpoint(job_dir) if job_dir.exists() else None
         if ck is not None:
             histories[kind] = ck.get("history", [])
     server: dict[str, Any] = {}
@@ -134,12 +134,10 @@ def privacy_report(
     sites = _site_from_history(histories)
     cfgs = []
     if site_config_dir is not None:
-        from fl_app.fl.site import load_fl_site_config
+        from fl_app.config import load_site_config
 
         cfgs = [
-            load_fl_site_config(p)
-            for p in sorted(Path(site_config_dir).glob("*.yaml"))
-            if p.stem != "project"
+            load_site_config(p) for p in sorted(Path(site_config_dir).glob("*.yaml")) if p.stem != "project"
         ]
     job_ids: dict[str, str] = {}
     for cfg in cfgs:
@@ -187,7 +185,7 @@ def format_report(rep: dict[str, Any]) -> str:
 
 def attach_to_model_card(run_dir: str | Path, rep: dict[str, Any]) -> Path | None:
     """Write the report's totals into ``<run>/global/model_card.json`` (``privacy.report``)."""
-    card_path = Path(run_dir) / "global" / "model_card.json"
+    card_path = RunLayout(run_dir).global_dir / "model_card.json"
     if not card_path.exists():
         return None
     card = json.loads(card_path.read_text())

@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,12 +46,11 @@ from fl_app.data.covariates import UNKNOWN_DIAGNOSIS, UNKNOWN_SEX
 from fl_app.models.prior import ConditionalPrior, build_prior, save_prior, unwrap_prior
 from fl_app.train import distributed as D
 from fl_app.train.common import (
-    autocast,
-    dp_noise_only_step,
-    is_dp_optimizer,
+    LocalStep,
     peak_rss_mb,
     resolve_device,
     seed_everything,
+    train_loop,
 )
 
 log = logging.getLogger(__name__)
@@ -204,11 +202,7 @@ def train_prior_local(
         if train_cfg is None:
             raise ValueError("give an optimizer or a cfg with a learning rate")
         optimizer = make_prior_optimizer(model, train_cfg.lr)
-    dp = is_dp_optimizer(optimizer)
-    ddp = D.is_distributed()
-    if ddp and dp:
-        raise ValueError("DP-SGD runs in one process only: a DP site must train with compute.nproc: 1")
-    if ddp:
+    if D.is_distributed():
         D.broadcast_module_state(m)  # every rank starts from rank 0's weights
     if epochs is None:
         if max_steps is not None or max_seconds is not None:
@@ -218,84 +212,47 @@ def train_prior_local(
         else:
             epochs = 1
     model.train()
-    history: list[dict[str, Any]] = []
-    steps = n_seq = n_empty = 0
-    t_train = 0.0
-    done = False
-    for epoch in range(epochs):
-        loss_sum, n_batches = 0.0, 0
-        t0 = time.perf_counter()
-        D.next_epoch(train_loader)
-        for batch in train_loader:
-            unpacked = _unpack(batch, m, dev)
-            if ddp and D.all_reduce_sum(torch.tensor([float(unpacked is None)])).item() > 0:
-                unpacked = None  # some rank's batch is empty (unreadable files): every rank skips the step
-            if unpacked is None:
-                n_empty += 1
-                if dp:
-                    dp_noise_only_step(model, optimizer)
-                    steps += 1
-            else:
-                seq, age, sex, dx = unpacked
-                optimizer.zero_grad(set_to_none=True)
-                with autocast(dev, amp):
-                    loss = _loss(model, seq, age, sex, dx)
-                loss.backward()
-                D.average_gradients(model.parameters())
-                if not dp and grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                optimizer.step()
-                steps += 1
-                n_batches += 1
-                n_seq += seq.shape[0]
-                loss_sum += float(loss.detach())
-            if max_steps is not None and steps >= max_steps:
-                done = True
-            if max_seconds is not None and t_train + (time.perf_counter() - t0) >= max_seconds:
-                done = True
-            if ddp and max_seconds is not None:  # clocks differ: stop together or not at all
-                done = bool(D.all_reduce_sum(torch.tensor([float(done)])).item() > 0)
-            if done:
-                break
-        t_train += time.perf_counter() - t0
-        if ddp:  # the site's mean: over every rank's batches
-            tot = D.sum_over_ranks({"loss": loss_sum, "n": float(n_batches)})
-            loss_sum, n_batches = tot["loss"], int(tot["n"])
-        mean_loss = loss_sum / n_batches if n_batches else math.nan
-        rec: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "steps": steps,
-            "loss": mean_loss,
-            "bits_per_code": mean_loss / LN2,
-            "seconds": time.perf_counter() - t0,
-        }
-        if val_loader is not None:
-            rec["val"] = evaluate_prior(model, val_loader, dev)
-            model.train()
-        history.append(rec)
-        log.info("prior epoch %d: %s", epoch + 1, rec)
-        if on_epoch_end is not None:
-            on_epoch_end(rec)
-        if done:
-            break
-    world = D.context().world_size
-    if ddp:  # the site's total sequences; the ranks' mean training time
-        tot = D.sum_over_ranks({"n_seq": float(n_seq), "t": t_train})
-        n_seq, t_train = int(tot["n_seq"]), tot["t"] / world
-    result: dict[str, Any] = {
-        "epochs": history,
-        "final": history[-1] if history else {},
-        "steps": steps,
-        "train_seconds": t_train,
-        "train_sequences": n_seq,
-        "empty_batches": n_empty,
-        "dp": dp,
-        "world_size": world,
-    }
+    res = train_loop(
+        model, train_loader, optimizer, _PriorStep(model, m, dev, val_loader), device=dev, epochs=epochs,
+        max_steps=max_steps, max_seconds=max_seconds, amp=amp, grad_clip=grad_clip, name="prior",
+        on_epoch_end=on_epoch_end,
+    )  # fmt: skip
+    result = {**res, "train_sequences": res.pop("samples")}
     if dp_engine is not None:
         result["epsilon"] = float(dp_engine.get_epsilon(dp_delta))
         result["delta"] = dp_delta
     return result
+
+
+class _PriorStep(LocalStep):
+    """The prior's part of :func:`~fl_app.train.common.train_loop`: next-code cross-entropy, mean loss."""
+
+    def __init__(self, model: nn.Module, m: ConditionalPrior, dev: torch.device, val_loader: Any) -> None:
+        self.model, self.m, self.dev, self.val_loader = model, m, dev, val_loader
+
+    def unpack(self, batch: Any) -> Any:
+        return _unpack(batch, self.m, self.dev)
+
+    def start_epoch(self) -> None:
+        self.loss_sum = 0.0
+
+    def loss(self, unpacked: Any) -> torch.Tensor:
+        return _loss(self.model, *unpacked)
+
+    def after_step(self, unpacked: Any, loss: torch.Tensor, steps: int) -> int:
+        self.loss_sum += float(loss.detach())
+        return unpacked[0].shape[0]
+
+    def epoch_metrics(self, n_batches: int) -> dict[str, Any]:
+        loss_sum = self.loss_sum
+        if D.is_distributed():  # the site's mean: over every rank's batches
+            tot = D.sum_over_ranks({"loss": loss_sum, "n": float(n_batches)})
+            loss_sum, n_batches = tot["loss"], int(tot["n"])
+        mean_loss = loss_sum / n_batches if n_batches else math.nan
+        return {"loss": mean_loss, "bits_per_code": mean_loss / LN2}
+
+    def validate(self) -> dict[str, Any] | None:
+        return None if self.val_loader is None else evaluate_prior(self.model, self.val_loader, self.dev)
 
 
 @torch.no_grad()
@@ -438,32 +395,13 @@ def encode_codes(
 # --------------------------------------------------------------------------- CLI: train-local prior
 
 
-def _parse_set(items: list[str] | None) -> dict[str, Any]:
-    """``["prior.n_layers=2", ...]`` -> nested override dict (values parsed as YAML)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, val = item.split("=", 1)
-        parts = key.split(".")
-        if parts[0] not in ("prior", "train"):
-            raise ValueError(f"--set may change prior.* and train.* only (the VQ-VAE fixes the rest): {key}")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(val)
-    return out
-
-
 def _vqvae_file(path: Path) -> Path:
     return path / "vqvae.pt" if path.is_dir() else path
 
 
 def run_train_local_prior(args: argparse.Namespace) -> int:
     """``synthbrain train-local prior``: encode the sites with a VQ-VAE and train the prior centrally."""
-    from fl_app.config import profile_from_dict
+    from fl_app.config import parse_overrides, profile_from_dict
     from fl_app.data.cohort import read_bids
     from fl_app.data.dataset import SiteDataset, split_indices
     from fl_app.models.vqvae import load_vqvae
@@ -474,7 +412,7 @@ def run_train_local_prior(args: argparse.Namespace) -> int:
         return 2
     dev = resolve_device(args.device)
     vqvae, vq_profile = load_vqvae(vq_path, map_location=dev)
-    overrides = _parse_set(args.set)
+    overrides = parse_overrides(args.set, sections=("prior", "train"))  # the VQ-VAE fixes the rest
     if args.unconditional:
         overrides.setdefault("prior", {})["cond_dropout"] = 1.0
     base = vq_profile.model_dump(mode="json")

@@ -4,7 +4,7 @@
 weights), a loader of :class:`fl_app.data.dataset.SiteDataset` batches and an optimiser; it returns a
 metrics dict. With an Opacus ``DPOptimizer`` (``PrivacyEngine.make_private``) it runs DP-SGD:
 
-* the model must use the loss-learned codebook (``build_vqvae(..., dp=True)``), so every exported
+* the model's quantiser must be DP-safe (``build_vqvae(..., dp=True)`` checks it), so every exported
   tensor is a parameter changed only by the clipped, noised optimiser step;
 * dead-code restarts (which copy local encoder outputs into the codebook) and the adversarial term
   (whose discriminator would see raw data outside DP) are refused;
@@ -39,7 +39,6 @@ import argparse
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -50,11 +49,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 
-from fl_app.config import Profile, VQVAESection, load_profile, profile_to_yaml
+from fl_app.config import Profile, VQVAESection, load_profile, parse_overrides, profile_to_yaml
 from fl_app.evaluate import metrics as M
 from fl_app.models.quantizer import codebook_usage, restart_dead_codes
 from fl_app.models.vqvae import (
-    DP_SAFE_QUANTISERS,
     SynthVQVAE,
     build_vqvae,
     load_vqvae,
@@ -64,12 +62,13 @@ from fl_app.models.vqvae import (
 )
 from fl_app.train import distributed as D
 from fl_app.train.common import (
+    LocalStep,
     autocast,
-    dp_noise_only_step,
     is_dp_optimizer,
     peak_rss_mb,
     resolve_device,
     seed_everything,
+    train_loop,
 )
 
 log = logging.getLogger(__name__)
@@ -81,14 +80,12 @@ __all__ = [
     "evaluate_vqvae",
     "make_optimizer",
     "make_vqvae_loader",
-    "parse_overrides",
     "train_vqvae_local",
     "vqvae_collate",
     "vqvae_loss",
 ]
 
 VQVAE_BATCH_KEYS = ("image", "label", "has_label")
-WARMUP_KEY = "synthbrain_steps_taken"  # steps an optimiser has taken in train_vqvae_local (its warm-up clock)
 
 
 def vqvae_collate(items: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -241,12 +238,10 @@ def train_vqvae_local(
     m: SynthVQVAE = unwrap(model)
     dp = is_dp_optimizer(optimizer)
     ddp = D.is_distributed()
-    if ddp and dp:
-        raise ValueError("DP-SGD runs in one process only: a DP site must train with compute.nproc: 1")
-    if dp and m.quantiser not in DP_SAFE_QUANTISERS:
+    if dp and any(True for _ in m.codebook.buffers()):
         raise ValueError(
-            f"DP training needs the loss-learned codebook or FSQ (no data-dependent state), not "
-            f"{m.quantiser!r}: build the model with build_vqvae(profile, dp=True)"
+            "DP training needs a DP-safe quantiser (e.g. the loss-learned codebook, vqvae.quantiser: loss), "
+            f"not {m.quantiser!r}: build the model with build_vqvae(profile, dp=True)"
         )
     use_adv = discriminator is not None and vq.adv_weight > 0
     if use_adv and dp:
@@ -260,16 +255,11 @@ def train_vqvae_local(
             epochs = 10**9  # until the step / time budget is spent
         else:
             epochs = cfg.train.epochs if isinstance(cfg, Profile) else 1
-    gen = torch.Generator().manual_seed(seed if seed is not None else 0)
-    adv_loss_fn = None
-    if use_adv:
-        from monai.losses import PatchAdversarialLoss
-
-        adv_loss_fn = PatchAdversarialLoss(criterion="least_squares")
-        discriminator.to(dev).train()
-
     model.to(dev)
     model.train()
+    step = _VQVAEStep(model, m, vq, dev, amp, restart, seed, val_loader, val_max_batches)
+    if use_adv:
+        step.add_adversary(discriminator, disc_optimizer)
     ema_sync = getattr(m.codebook, "ddp_sync", None)
     if ddp:
         D.broadcast_module_state(m)  # every rank starts from rank 0's weights
@@ -277,144 +267,115 @@ def train_vqvae_local(
             D.broadcast_module_state(discriminator)
         if ema_sync is not None:
             m.codebook.ddp_sync = True  # MONAI's EMA codebook sums its statistics over ranks
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    steps_before = int(optimizer.param_groups[0].get(WARMUP_KEY, 0))
+    try:
+        res = train_loop(
+            model, train_loader, optimizer, step, device=dev, epochs=epochs, max_steps=max_steps,
+            max_seconds=max_seconds, amp=amp, grad_clip=vq.grad_clip_norm, warmup_steps=vq.warmup_steps,
+            name="vqvae", on_epoch_end=on_epoch_end,
+        )  # fmt: skip
+    finally:
+        if ema_sync is not None:
+            m.codebook.ddp_sync = ema_sync
+    n_vol, t = res.pop("samples"), res["train_seconds"]
+    return {
+        **res,
+        "train_volumes": n_vol,
+        "train_volumes_per_s": n_vol / t if t > 0 else math.nan,
+    }
 
-    def _set_lr(step: int) -> None:
-        # linear warm-up over the optimiser's first steps: Adam's fresh moment estimates make the first
-        # full-size steps unstable; later calls with the same optimiser (federated rounds) skip it
-        if vq.warmup_steps > 0:
-            frac = min(1.0, (steps_before + step + 1) / vq.warmup_steps)
-            for g, lr0 in zip(optimizer.param_groups, base_lrs, strict=True):
-                g["lr"] = lr0 * frac
 
-    k = m.num_embeddings
-    history: list[dict[str, Any]] = []
-    steps = n_vol = n_empty = 0
-    t_train = 0.0
-    restart_counts = torch.zeros(k)
-    done = False
-    for epoch in range(epochs):
-        sums = {"loss": 0.0, "image": 0.0, "label": 0.0, "quant": 0.0}
-        n_batches = 0
-        counts = torch.zeros(k)
-        restarted = 0
-        t0 = time.perf_counter()
-        D.next_epoch(train_loader)
-        for batch in train_loader:
-            unpacked = _unpack(batch, dev)
-            if ddp and D.all_reduce_sum(torch.tensor([float(unpacked is None)])).item() > 0:
-                unpacked = None  # some rank's batch is empty (unreadable files): every rank skips the step
-            if unpacked is None:
-                n_empty += 1
-                if dp:
-                    _set_lr(steps)
-                    dp_noise_only_step(model, optimizer)
-                    steps += 1
-            else:
-                image, label, has_label = unpacked
-                optimizer.zero_grad(set_to_none=True)
-                with autocast(dev, amp):
-                    loss, parts, indices, rec = vqvae_loss(model, image, label, has_label, vq)
-                    if use_adv:
-                        g_adv = adv_loss_fn(
-                            discriminator(rec)[-1], target_is_real=True, for_discriminator=False
-                        )
-                        loss = loss + vq.adv_weight * g_adv
-                loss.backward()
-                D.average_gradients(model.parameters())
-                if not dp and vq.grad_clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), vq.grad_clip_norm)
-                _set_lr(steps)
-                optimizer.step()
-                if use_adv:
-                    disc_optimizer.zero_grad(set_to_none=True)
-                    with autocast(dev, amp):
-                        d_fake = adv_loss_fn(
-                            discriminator(rec.detach())[-1], target_is_real=False, for_discriminator=True
-                        )
-                        d_real = adv_loss_fn(
-                            discriminator(image)[-1], target_is_real=True, for_discriminator=True
-                        )
-                        d_loss = 0.5 * (d_fake + d_real)
-                    d_loss.backward()
-                    D.average_gradients(discriminator.parameters())
-                    disc_optimizer.step()
-                steps += 1
-                n_batches += 1
-                n_vol += image.shape[0]
-                sums["loss"] += float(loss.detach())
-                for key in ("image", "label", "quant"):
-                    sums[key] += float(parts[key])
-                c = codebook_usage(indices.detach().cpu(), k)
-                if ddp:
-                    c = D.all_reduce_sum(c)  # the site's usage: every rank decides the same restarts
-                counts += c
-                restart_counts += c
-                # dead-code restart every `dead_code_every` steps, and at once if the first batch shows a
-                # collapsed codebook (< 10 % of codes used), as MONAI's N(0, 1) EMA init tends to give
-                collapsed = steps == 1 and float((restart_counts > 0).float().mean()) < 0.1
-                if restart and (collapsed or steps % vq.dead_code_every == 0):
-                    with torch.no_grad():
-                        z = m.encoder_output(make_input(image, label, m.joint))
-                    restarted += restart_dead_codes(m.codebook, restart_counts, z, generator=gen)
-                    if ddp:
-                        D.broadcast_module_state(m.codebook)  # rank 0's restarted codes everywhere
-                    restart_counts.zero_()
-            if max_steps is not None and steps >= max_steps:
-                done = True
-            if max_seconds is not None and t_train + (time.perf_counter() - t0) >= max_seconds:
-                done = True
-            if ddp and max_seconds is not None:  # clocks differ: stop together or not at all
-                done = bool(D.all_reduce_sum(torch.tensor([float(done)])).item() > 0)
-            if done:
-                break
-        t_train += time.perf_counter() - t0
-        if ddp:  # the site's means: over every rank's batches
+class _VQVAEStep(LocalStep):
+    """The VQ-VAE's part of :func:`~fl_app.train.common.train_loop`: its loss, the optional adversarial
+    term, code-usage counts and dead-code restarts, the epoch's loss parts."""
+
+    def __init__(self, model, m, vq, dev, amp, restart, seed, val_loader, val_max_batches) -> None:
+        self.model, self.m, self.vq, self.dev, self.amp, self.restart = model, m, vq, dev, amp, restart
+        self.val_loader, self.val_max_batches = val_loader, val_max_batches
+        self.gen = torch.Generator().manual_seed(seed if seed is not None else 0)
+        self.k = m.num_embeddings
+        self.restart_counts = torch.zeros(self.k)
+        self.disc = self.disc_opt = self.adv_loss_fn = None
+        self.ddp = D.is_distributed()
+
+    def add_adversary(self, discriminator: nn.Module, disc_optimizer: torch.optim.Optimizer) -> None:
+        from monai.losses import PatchAdversarialLoss
+
+        self.adv_loss_fn = PatchAdversarialLoss(criterion="least_squares")
+        self.disc, self.disc_opt = discriminator, disc_optimizer
+        discriminator.to(self.dev).train()
+
+    def unpack(self, batch: Any) -> Any:
+        return _unpack(batch, self.dev)
+
+    def start_epoch(self) -> None:
+        self.sums = {"loss": 0.0, "image": 0.0, "label": 0.0, "quant": 0.0}
+        self.counts = torch.zeros(self.k)
+        self.restarted = 0
+
+    def loss(self, unpacked: Any) -> torch.Tensor:
+        image, label, has_label = unpacked
+        loss, self.parts, self.indices, self.rec = vqvae_loss(self.model, image, label, has_label, self.vq)
+        if self.disc is not None:
+            g_adv = self.adv_loss_fn(self.disc(self.rec)[-1], target_is_real=True, for_discriminator=False)
+            loss = loss + self.vq.adv_weight * g_adv
+        return loss
+
+    def after_step(self, unpacked: Any, loss: torch.Tensor, steps: int) -> int:
+        image, label, _ = unpacked
+        if self.disc is not None:
+            self.disc_opt.zero_grad(set_to_none=True)
+            with autocast(self.dev, self.amp):
+                d_fake = self.adv_loss_fn(
+                    self.disc(self.rec.detach())[-1], target_is_real=False, for_discriminator=True
+                )
+                d_real = self.adv_loss_fn(self.disc(image)[-1], target_is_real=True, for_discriminator=True)
+                d_loss = 0.5 * (d_fake + d_real)
+            d_loss.backward()
+            D.average_gradients(self.disc.parameters())
+            self.disc_opt.step()
+        self.sums["loss"] += float(loss.detach())
+        for key in ("image", "label", "quant"):
+            self.sums[key] += float(self.parts[key])
+        c = codebook_usage(self.indices.detach().cpu(), self.k)
+        if self.ddp:
+            c = D.all_reduce_sum(c)  # the site's usage: every rank decides the same restarts
+        self.counts += c
+        self.restart_counts += c
+        # dead-code restart every `dead_code_every` steps, and at once if the first batch shows a
+        # collapsed codebook (< 10 % of codes used), as MONAI's N(0, 1) EMA init tends to give
+        collapsed = steps == 1 and float((self.restart_counts > 0).float().mean()) < 0.1
+        if self.restart and (collapsed or steps % self.vq.dead_code_every == 0):
+            m = self.m
+            with torch.no_grad():
+                z = m.encoder_output(make_input(image, label, m.joint))
+            self.restarted += restart_dead_codes(m.codebook, self.restart_counts, z, generator=self.gen)
+            if self.ddp:
+                D.broadcast_module_state(m.codebook)  # rank 0's restarted codes everywhere
+            self.restart_counts.zero_()
+        return image.shape[0]
+
+    def epoch_metrics(self, n_batches: int) -> dict[str, Any]:
+        sums = self.sums
+        if self.ddp:  # the site's means: over every rank's batches
             sums = D.sum_over_ranks({**sums, "_batches": float(n_batches)})
             n_batches = int(sums.pop("_batches"))
         nb = max(n_batches, 1)
-        rec_epoch: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "steps": steps,
+        return {
             "loss": sums["loss"] / nb if n_batches else math.nan,
             "image_loss": sums["image"] / nb if n_batches else math.nan,
             "label_loss": sums["label"] / nb if n_batches else math.nan,
             "quant_loss": sums["quant"] / nb if n_batches else math.nan,
-            "codebook_perplexity": M.codebook_perplexity(counts),
-            "codebook_usage": M.codebook_usage_fraction(counts, k),
-            "dead_codes_restarted": restarted,
-            "seconds": time.perf_counter() - t0,
+            "codebook_perplexity": M.codebook_perplexity(self.counts),
+            "codebook_usage": M.codebook_usage_fraction(self.counts, self.k),
+            "dead_codes_restarted": self.restarted,
         }
-        if val_loader is not None:
-            rec_epoch["val"] = evaluate_vqvae(model, val_loader, dev, max_batches=val_max_batches, amp=amp)
-            model.train()
-        history.append(rec_epoch)
-        log.info("vqvae epoch %d: %s", epoch + 1, {k_: v for k_, v in rec_epoch.items() if k_ != "val"})
-        if on_epoch_end is not None:
-            on_epoch_end(rec_epoch)
-        if done:
-            break
-    for g, lr0 in zip(optimizer.param_groups, base_lrs, strict=True):
-        g["lr"] = lr0
-    optimizer.param_groups[0][WARMUP_KEY] = steps_before + steps
-    if ema_sync is not None:
-        m.codebook.ddp_sync = ema_sync
-    world = D.context().world_size
-    if ddp:  # the site's total volumes; the ranks' mean training time
-        tot = D.sum_over_ranks({"n_vol": float(n_vol), "t": t_train})
-        n_vol, t_train = int(tot["n_vol"]), tot["t"] / world
-    return {
-        "epochs": history,
-        "final": history[-1] if history else {},
-        "steps": steps,
-        "train_seconds": t_train,
-        "train_volumes": n_vol,
-        "train_volumes_per_s": n_vol / t_train if t_train > 0 else math.nan,
-        "empty_batches": n_empty,
-        "dp": dp,
-        "world_size": world,
-    }
+
+    def validate(self) -> dict[str, Any] | None:
+        if self.val_loader is None:
+            return None
+        return evaluate_vqvae(
+            self.model, self.val_loader, self.dev, max_batches=self.val_max_batches, amp=self.amp
+        )
 
 
 @torch.no_grad()
@@ -482,29 +443,6 @@ def evaluate_vqvae(
 
 
 # --------------------------------------------------------------------------- CLI: train-local vqvae
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["vqvae.num_embeddings=512", ...]`` -> nested override dict (values parsed as YAML)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, val = item.split("=", 1)
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        parsed = yaml.safe_load(val)
-        if isinstance(parsed, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                parsed = float(parsed)
-            except ValueError:
-                pass
-        node[parts[-1]] = parsed
-    return out
 
 
 def run_train_local_vqvae(args: argparse.Namespace) -> int:
