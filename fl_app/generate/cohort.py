@@ -651,12 +651,16 @@ def gate_release(out: str | Path, flagged: dict[str, str]) -> list[str]:
 
 
 def _run_sample(args: argparse.Namespace) -> int:
+    from fl_app.evaluate.audit import load_site_audit
+
     try:
         gm = load_global_model(args.model, args.vqvae, args.prior, device=args.device)
         if args.spec:
             rows = read_spec(args.spec)
         else:
             rows = make_rows(args.n, parse_age(args.age), args.sex, args.diagnosis, args.seed)
+        # the sites' audit results are read before sampling: a bad file fails at once, not after the run
+        audits = [load_site_audit(p) for p in args.audit_site or []]
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -687,9 +691,9 @@ def _run_sample(args: argparse.Namespace) -> int:
     print(f"wrote {res['written']} subjects ({res['skipped']} already there){rate}")
     status = 0
     if args.audit_site or args.audit_against:
-        from fl_app.evaluate.audit import audit_cohort_locally, combine_site_audits, load_site_audit
+        from fl_app.evaluate.audit import audit_cohort_locally, combine_site_audits
 
-        results = [load_site_audit(p) for p in args.audit_site or []]
+        results = list(audits)
         if args.audit_against:
             results += audit_cohort_locally(
                 args.out, args.audit_against, gm.profile, quantile=args.audit_quantile
