@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fl_app.cli import main
-from fl_app.config import load_profile
+from fl_app.config import load_profile, profile_to_yaml
 from fl_app.models.prior import build_prior, save_prior
 from fl_app.models.vqvae import build_vqvae, save_vqvae
 from tests.conftest import default_rows, write_nifti
@@ -164,3 +164,108 @@ def test_sample_gate_with_no_flag_and_bad_audit_file(gated, tmp_path, capsys):
         assert not fresh.exists()
     err = capsys.readouterr().err
     assert "bad.json: not a site audit result (missing 'flagged')" in err and "missing.json" in err
+
+
+# ------------------------------------------------------------------------------------------- evaluate
+
+
+def _small_profile_yaml(**data) -> str:
+    small = {"shape": [24, 24, 24], "spacing": [8.0, 8.0, 8.0], "voxel_size_range_mm": [0.5, 10.0], **data}
+    return profile_to_yaml(load_profile("cpu-demo", {"data": small}))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, Path]:
+    """A simulated site (``synthbrain simulate``: label maps and a known age effect) on a small grid."""
+    tmp = tmp_path_factory.mktemp("evaluate")
+    prof = tmp / "profile.yaml"
+    prof.write_text(_small_profile_yaml())
+    argv = [
+        "simulate",
+        "--sites",
+        "1",
+        "--subjects-per-site",
+        "12",
+        "--profile",
+        str(prof),
+        "--out",
+        str(tmp),
+    ]
+    assert main(argv) == 0
+    return {"site": tmp / "site-1", "profile": prof, "cache": tmp / "cache"}
+
+
+def _cohort_of_reference(reference, out: Path, age=lambda a: a) -> Path:
+    """A cohort folder holding the reference subjects themselves (as preprocessed for the profile), with
+    their ages mapped by ``age``: a generator that reproduced the data exactly, or its age effect scaled."""
+    from fl_app.data.cohort import read_bids
+    from fl_app.data.covariates import DIAGNOSES, SEXES
+    from fl_app.data.dataset import SiteDataset
+    from fl_app.data.nifti import save_nifti
+    from fl_app.generate.cohort import PROFILE_FILE, grid_affine
+
+    prof = load_profile(reference["profile"])
+    ds = SiteDataset(read_bids(reference["site"]).valid(), prof, reference["cache"])
+    rows = []
+    for i in range(len(ds)):
+        it = ds[i]
+        pid = f"sub-synth{i + 1:04d}"
+        anat = out / pid / "anat"
+        save_nifti(anat / f"{pid}_T1w.nii.gz", it["image"][0].numpy(), grid_affine(prof))
+        save_nifti(anat / f"{pid}_dseg.nii.gz", it["label"].numpy().astype(np.uint8), grid_affine(prof))
+        rows.append(
+            [pid, f"{age(float(it['age'])):.4f}", SEXES[int(it["sex"])], DIAGNOSES[int(it["diagnosis"])]]
+        )
+    with open(out / "participants.tsv", "w", newline="") as fh:
+        w = csv.writer(fh, delimiter="\t", lineterminator="\n")
+        w.writerow(["participant_id", "age", "sex", "diagnosis"])
+        w.writerows(rows)
+    (out / PROFILE_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (out / PROFILE_FILE).write_text(reference["profile"].read_text())
+    return out
+
+
+def _evaluate(reference, cohort: Path, tmp_path: Path) -> dict:
+    out = tmp_path / f"{cohort.name}.json"
+    argv = ["evaluate", "--cohort", str(cohort), "--reference", str(reference["site"]), "--pairs", "4",
+            "--cache-dir", str(reference["cache"]), "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    res = json.loads((cohort / "qc" / "evaluation.json").read_text())
+    assert json.loads(out.read_text()) == res
+    assert (cohort / "qc" / "report.html").is_file()
+    return res
+
+
+def test_evaluate_slope_error_vs_reference(reference, tmp_path):
+    """``slope_error_pct_vs_reference`` is 0 for a cohort that is the reference itself, and exactly 50 %
+    when the cohort's ages are stretched ×2 (the age effect per year halves; intercepts absorb the shift)."""
+    same = _evaluate(reference, _cohort_of_reference(reference, tmp_path / "same"), tmp_path)
+    s = same["summary"]
+    assert s["n_synthetic"] == s["n_reference"] == 12
+    assert s["btf_age_slope_reference"] < 0  # the simulator's brain atrophy with age
+    assert s["btf_slope_error_pct_vs_reference"] == pytest.approx(0.0, abs=1e-3)  # ages written to 4 decimals
+    assert s["csf_ml_slope_error_pct_vs_reference"] == pytest.approx(0.0, abs=1e-3)
+    assert "btf_slope_error_pct_vs_law" in s  # a simulated reference is also compared with the law
+    stretched = _cohort_of_reference(reference, tmp_path / "stretched", age=lambda a: 70.0 + 2.0 * (a - 70.0))
+    st = _evaluate(reference, stretched, tmp_path)
+    assert st["summary"]["btf_slope_error_pct_vs_reference"] == pytest.approx(50.0, abs=1e-3)
+    for name, entry in st["fidelity"].items():
+        if entry.get("slope_error_pct_vs_reference") is not None:
+            assert entry["slope_error_pct_vs_reference"] == pytest.approx(50.0, abs=1e-3), name
+
+
+def test_evaluate_fails_clearly_without_label_maps(reference, tmp_path, capsys):
+    cohort = _cohort_of_reference(reference, tmp_path / "c")
+    no_labels = tmp_path / "site-nolabels"
+    shutil.copytree(reference["site"], no_labels)
+    shutil.rmtree(no_labels / "derivatives")
+    (tmp_path / "p.yaml").write_text(_small_profile_yaml(brain_mask="none"))  # preprocessed without labels
+    argv = ["evaluate", "--cohort", str(cohort), "--reference", str(no_labels), "--profile", str(tmp_path / "p.yaml"),
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert main(argv) == 2
+    assert "no reference subject with a label map" in capsys.readouterr().err
+    for f in cohort.glob("sub-*/anat/*_dseg.nii.gz"):
+        f.unlink()
+    assert main(["evaluate", "--cohort", str(cohort)]) == 2
+    assert "no subject with both a T1w and a dseg" in capsys.readouterr().err
+    assert not (cohort / "qc" / "evaluation.json").exists()
