@@ -269,3 +269,84 @@ def test_evaluate_fails_clearly_without_label_maps(reference, tmp_path, capsys):
     assert main(["evaluate", "--cohort", str(cohort)]) == 2
     assert "no subject with both a T1w and a dseg" in capsys.readouterr().err
     assert not (cohort / "qc" / "evaluation.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ fl run
+
+
+FL_FLAGS = ["--dp-fedavg", "--dp-noise", "0.7", "--dp-clip", "2.0", "--dp-quantile", "0.5", "--min-sites", "1",
+            "--round-timeout", "17", "--rounds", "3", "--max-steps", "5"]  # fmt: skip
+
+
+def _server_component(cfg: dict, suffix: str) -> dict:
+    for part in ("workflows", "components"):
+        for c in cfg.get(part, []):
+            if str(c.get("path", "")).endswith(suffix):
+                return c["args"]
+    raise AssertionError(f"{suffix} not in the server config")
+
+
+def test_fl_run_prod_submits_the_configured_job_through_the_startup_kit(tmp_path, monkeypatch, capsys):
+    """``fl run --env prod --startup-kit KIT`` with the DP-FedAvg and drop-out flags: the job the admin's
+    kit submits (NVFlare's ProdEnv, its session replaced by a recorder) carries every setting."""
+    from nvflare.recipe.prod_env import ProdEnv
+
+    submitted: dict = {}
+
+    def deploy(self, job):
+        job.export_job(str(tmp_path / "exported"))
+        submitted.update(kit=self.startup_kit_location, user=self.username, name=job.name)
+        return "job-123"
+
+    monkeypatch.setattr(ProdEnv, "deploy", deploy)
+    monkeypatch.setattr(ProdEnv, "get_job_result", lambda self, job_id, timeout=0.0: f"/results/{job_id}")
+    monkeypatch.setattr(ProdEnv, "get_job_status", lambda self, job_id: "FINISHED:COMPLETED")
+    kit = tmp_path / "admin@hospital.org"
+    kit.mkdir()
+    argv = ["fl", "run", "vqvae", "--env", "prod", "--clients", "site-a", "site-b", "--startup-kit", str(kit),
+            "--username", "admin@hospital.org", "--runs", str(tmp_path / "runs"), "--run", "r1", *FL_FLAGS]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "submitted job job-123" in out and "job job-123 finished: FINISHED:COMPLETED" in out
+    assert submitted == {"kit": str(kit), "user": "admin@hospital.org", "name": "synthbrain-vqvae"}
+    spec = json.loads((tmp_path / "runs" / "r1" / "job_vqvae.json").read_text())
+    assert spec["env"] == "prod" and spec["num_clients"] == 2 and spec["num_rounds"] == 3
+    assert spec["min_sites"] == 1 and spec["round_timeout"] == 17 and spec["max_steps"] == 5
+    assert spec["checkpoint_dir"] == "synthbrain/r1/vqvae"  # on the server, not the admin's machine
+    assert spec["strategy_path"] == "fl_app.privacy.dp_fedavg.DPFedAvgStrategy"
+    assert spec["strategy_args"] == {
+        "noise_multiplier": 0.7,
+        "clip": 2.0,
+        "delta": 1e-5,
+        "target_quantile": 0.5,
+    }
+    job = tmp_path / "exported" / "synthbrain-vqvae"
+    assert json.loads((job / "meta.json").read_text())["min_clients"] == 1
+    server = json.loads(next(job.rglob("config_fed_server.json")).read_text())
+    ctl = _server_component(server, "SynthFedAvg")
+    assert ctl["num_rounds"] == 3 and ctl["min_sites"] == 1 and ctl["round_timeout"] == 17
+    agg = ctl["aggregator"]["args"]
+    assert agg["strategy_path"] == spec["strategy_path"] and agg["strategy_args"] == spec["strategy_args"]
+    assert _server_component(server, "SynthPersistor")["checkpoint_dir"] == "synthbrain/r1/vqvae"
+    assert not (tmp_path / "runs" / "r1" / "global").exists()  # prod: the model stays on the server
+
+
+def test_fl_run_prod_without_a_startup_kit_fails_clearly(tmp_path, capsys):
+    base = [
+        "fl",
+        "run",
+        "vqvae",
+        "--env",
+        "prod",
+        "--clients",
+        "site-a",
+        "--runs",
+        str(tmp_path),
+        "--run",
+        "r",
+    ]
+    assert main(base) == 2
+    assert "--env prod needs --startup-kit" in capsys.readouterr().err
+    assert main([*base, "--startup-kit", str(tmp_path / "no-kit")]) == 2
+    assert f"{tmp_path / 'no-kit'} is not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
