@@ -350,3 +350,134 @@ def test_fl_run_prod_without_a_startup_kit_fails_clearly(tmp_path, capsys):
     assert main([*base, "--startup-kit", str(tmp_path / "no-kit")]) == 2
     assert f"{tmp_path / 'no-kit'} is not a folder" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------------------- input layouts
+
+
+def _session_site(root: Path, head) -> Path:
+    """A BIDS site as a PACS export might write it: sessions, renamed columns, numeric sex codes, ids
+    without the ``sub-`` prefix, label maps per session."""
+    data, label, aff = head
+    rng = np.random.default_rng(3)
+    root.mkdir(parents=True)
+    (root / "dataset_description.json").write_text('{"Name": "pacs", "BIDSVersion": "1.9.0"}')
+    (root / "participants.tsv").write_text(
+        "subject\tage_at_scan\tgender\tgroup\n001\t61.5\t2\tHC\n002\t70\t1\tAD\n003\t66\t2\tMCI\n004\t79\t1\tHC\n"
+    )
+    layout = {
+        "sub-001": ["ses-01", "ses-02"],
+        "sub-002": ["ses-01"],
+        "sub-003": [None],
+        "sub-004": ["ses-02"],
+    }
+    for sub, sessions in layout.items():
+        for ses in sessions:
+            anat = Path(sub, ses, "anat") if ses else Path(sub, "anat")
+            stem = f"{sub}_{ses}" if ses else sub
+            img = data + rng.normal(0, 10, data.shape).astype(np.float32)
+            write_nifti(root / anat / f"{stem}_T1w.nii.gz", img, aff, np.int16)
+            write_nifti(root / "derivatives" / "fs" / anat / f"{stem}_dseg.nii.gz", label, aff, np.uint8)
+    # a label map of a session whose image is not there: sub-004's ses-02 image must get its ses-02 map
+    write_nifti(root / "derivatives/fs/sub-004/ses-01/anat/sub-004_ses-01_dseg.nii.gz", label, aff, np.uint8)
+    return root
+
+
+SESSION_YAML = """name: pacs-site
+bids_dir: pacs                      # relative to this file
+min_subjects: 4
+columns:
+  participant_id: subject
+  age: age_at_scan
+  sex: gender
+  diagnosis: group
+  sex_values: {"1": M, "2": F}
+  diagnosis_values: {HC: CN, MCI: MCI, AD: AD}
+"""
+
+
+def test_site_check_reads_sessions_renamed_columns_and_sex_values(head, tmp_path, monkeypatch, capsys):
+    site = _session_site(tmp_path / "pacs", head)
+    (tmp_path / "site.yaml").write_text(SESSION_YAML)
+    monkeypatch.chdir(tmp_path.parent)  # the YAML's relative bids_dir is relative to the YAML, not the cwd
+    report = tmp_path / "report.json"
+    assert (
+        main(["site", "check", "--config", str(tmp_path / "site.yaml"), "--json", str(report), "--quiet"])
+        == 0
+    )
+    rep = json.loads(report.read_text())
+    assert rep["ok"] and rep["site"] == "pacs-site" and rep["n_valid"] == 4
+    subs = {s["participant_id"]: s for s in rep["subjects"]}
+    assert {k: (v["age"], v["sex"], v["diagnosis"]) for k, v in subs.items()} == {
+        "sub-001": (61.5, "F", "CN"), "sub-002": (70.0, "M", "AD"),
+        "sub-003": (66.0, "F", "MCI"), "sub-004": (79.0, "M", "CN")}  # fmt: skip
+    # two sessions: the first in sort order, with that session's label map, and a warning naming the choice
+    s1 = subs["sub-001"]
+    assert s1["image"] == str(site / "sub-001" / "ses-01" / "anat" / "sub-001_ses-01_T1w.nii.gz")
+    assert s1["label"] == str(site / "derivatives/fs/sub-001/ses-01/anat/sub-001_ses-01_dseg.nii.gz")
+    assert any("2 T1w files found" in w for w in s1["warnings"])
+    assert subs["sub-004"]["label"].endswith("sub-004/ses-02/anat/sub-004_ses-02_dseg.nii.gz")
+    assert subs["sub-003"]["image"] == str(site / "sub-003" / "anat" / "sub-003_T1w.nii.gz")
+    # the same folder without the YAML's columns: the site cannot join, and the table says why
+    assert main(["site", "check", "--bids", str(site), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "missing column(s) ['participant_id', 'age', 'sex', 'diagnosis']" in out
+    # a code the YAML does not map is named
+    (site / "participants.tsv").write_text(
+        (site / "participants.tsv").read_text().replace("004\t79\t1", "004\t79\t3")
+    )
+    assert main(["site", "check", "--config", str(tmp_path / "site.yaml"), "--quiet"]) == 1
+    assert "'gender' = '3' is not one of ['1', '2']" in capsys.readouterr().out
+
+
+def test_site_check_manifest_paths_are_relative_to_the_csv(head, tmp_path, monkeypatch, capsys):
+    data, label, aff = head
+    man_dir = tmp_path / "export"
+    rows = ["path,label_path,age,sex,diagnosis"]
+    for i in range(1, 5):
+        write_nifti(man_dir / "images" / f"sub-{i:02d}_T1w.nii.gz", data, aff, np.int16)
+        write_nifti(man_dir / "labels" / f"sub-{i:02d}_dseg.nii.gz", label, aff, np.uint8)
+        rows.append(f"images/sub-{i:02d}_T1w.nii.gz,labels/sub-{i:02d}_dseg.nii.gz,{60 + i},F,CN")
+    (man_dir / "cohort.csv").write_text("\n".join(rows) + "\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    report = tmp_path / "report.json"
+    assert (
+        main(["site", "check", "--manifest", str(man_dir / "cohort.csv"), "--json", str(report), "--quiet"])
+        == 0
+    )
+    subs = json.loads(report.read_text())["subjects"]
+    assert [s["participant_id"] for s in subs] == ["sub-01", "sub-02", "sub-03", "sub-04"]
+    assert subs[0]["image"] == str(man_dir / "images" / "sub-01_T1w.nii.gz")
+    assert subs[0]["label"] == str(man_dir / "labels" / "sub-01_dseg.nii.gz")
+    # the same CSV moved away from the images: every path is missing, and named
+    shutil.copy(man_dir / "cohort.csv", elsewhere / "cohort.csv")
+    assert main(["site", "check", "--manifest", "cohort.csv", "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("image file does not exist") == 4 and "site cannot join" in out
+
+
+def test_client_with_too_few_usable_subjects_refuses_to_join(head, tmp_path):
+    """A site's client opens its data before training: with fewer usable subjects than its ``min_subjects``
+    (here one of four files unreadable) it refuses to join instead of training on what is left."""
+    from fl_app.fl.client import open_site_dataset
+    from fl_app.fl.site import load_fl_site_config
+
+    site = _session_site(tmp_path / "pacs", head)
+    prof = load_profile("cpu-demo", {"data": {"shape": [16, 16, 16], "spacing": [12.0, 12.0, 12.0]}})
+    yaml_text = SESSION_YAML + f"cache_dir: {tmp_path / 'cache'}\n"
+    (tmp_path / "site.yaml").write_text(yaml_text)
+    ds = open_site_dataset(load_fl_site_config(tmp_path / "site.yaml"), prof)
+    assert len(ds) == 4  # the renamed columns and sessions reach the training data too
+    assert [float(ds[i]["age"]) for i in range(4)] == [61.5, 70.0, 66.0, 79.0]
+    (tmp_path / "site.yaml").write_text(yaml_text.replace("min_subjects: 4", "min_subjects: 5"))
+    with pytest.raises(
+        RuntimeError, match=r"site pacs-site: 4 usable subjects, fewer than its min_subjects \(5\)"
+    ):
+        open_site_dataset(load_fl_site_config(tmp_path / "site.yaml"), prof)
+    t1w = site / "sub-003" / "anat" / "sub-003_T1w.nii.gz"
+    t1w.write_bytes(t1w.read_bytes()[:2000])  # truncated after the check: not usable
+    (tmp_path / "site.yaml").write_text(yaml_text)
+    with pytest.raises(RuntimeError, match=r"3 usable subjects, fewer than its min_subjects \(4\)"):
+        open_site_dataset(load_fl_site_config(tmp_path / "site.yaml"), prof)
