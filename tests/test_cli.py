@@ -101,3 +101,14 @@ def test_broken_copy_fails_naming_all_three(simulated, tmp_path, capsys):
     assert str(nan_img) in out and "NaN" in out
     assert missing_age_sub in out and "'age' is missing" in out
     assert "site cannot join" in out
+
+
+def test_ci_entry_point_sets_ci_before_the_tests():
+    """.ci/run exports CI=true itself, so tests that need an installed tool (the BIDS validator) fail
+    instead of skipping whatever the runner sets."""
+    from pathlib import Path
+
+    script = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text().splitlines()
+    exports = [i for i, line in enumerate(script) if line.strip() == "export CI=true"]
+    runs = [i for i, line in enumerate(script) if line.strip() == "make test"]
+    assert exports and runs and exports[0] < runs[0]

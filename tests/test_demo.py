@@ -42,3 +42,39 @@ def test_tiny_demo_leaves_global_model_bundle_and_cohort(tmp_path):
     for site, m in final.items():
         assert math.isfinite(m["psnr_db"]) and m["n_volumes"] == card["sites"][site]["val_subjects"]
     assert "Final global VQ-VAE" in (out / "report.md").read_text()
+
+
+def test_tiny_demo_with_dp_through_the_cli(tmp_path, capsys):
+    """``synthbrain demo --dp --dp-epsilon 3`` (2 sites, 1 round of 2 steps per job): every site runs
+    DP-SGD spending the asked ε per job, the server runs DP-FedAvg, and the per-site totals reach the
+    privacy report, the model card and the cohort's dataset_description."""
+    from fl_app.cli import main
+
+    out = tmp_path / "demo"
+    argv = ["demo", "--tiny", "--dp", "--dp-epsilon", "3", "--out", str(out), "--sites", "2", "--subjects", "4",
+            "--vqvae-rounds", "1", "--prior-rounds", "1", "--vqvae-steps", "2", "--prior-steps", "2",
+            "--samples", "1"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    rep = json.loads((out / "privacy_report.json").read_text())
+    assert sorted(rep["sites"]) == ["site-1", "site-2"]
+    for site, s in rep["sites"].items():
+        assert f"{site}: ε = {s['total_epsilon']:.3f}" in printed
+        assert s["refusals"] == 0 and s["epsilon_budget"] == 10.0
+        assert set(s["jobs"]) == {"vqvae", "prior"}
+        for job in s["jobs"].values():  # σ planned for the asked ε (to the planner's 1e-3 tolerance)
+            assert 2.97 <= job["epsilon"] <= 3.0 and job["rounds"] == 1 and job["steps"] == 2
+        assert 3.0 < s["total_epsilon"] <= 6.0  # both jobs composed (less than the sum under RDP)
+    for job in ("vqvae", "prior"):
+        server = rep["server"][job]
+        assert server["mechanism"] == "dp-fedavg" and server["noise_multiplier"] == 1.0
+        assert server["adaptive_clipping"] is True and server["rounds"] == 1
+    card = json.loads((out / "global" / "model_card.json").read_text())["privacy"]
+    assert card["differential_privacy"] is True
+    assert card["report"]["site_total_epsilon"] == {k: v["total_epsilon"] for k, v in rep["sites"].items()}
+    desc = json.loads((out / "cohort" / "dataset_description.json").read_text())
+    assert (
+        2.97
+        <= desc["SynthbrainModel"]["PrivacyEpsilon"]
+        <= max(s["total_epsilon"] for s in rep["sites"].values())
+    )

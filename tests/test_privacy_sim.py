@@ -18,11 +18,24 @@ import torch
 import yaml
 
 from tests.test_fl_sim import make_sites
+from tests.test_privacy_references import epsilon_analytic_gaussian, epsilon_integer_orders
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 VQ_ROUNDS, VQ_STEPS, PRIOR_ROUNDS, PRIOR_STEPS = 2, 3, 1, 3
 TARGET_EPS = 4.0
+
+# What a DP site with the default ``privacy.release: [accounting]`` may send besides its DP update,
+# written out literally (an independent reference, not the client's own constants): the accounting of its
+# DP releases and data-health counts (all revealing its subject count, as q = B / n does) and the checksum
+# of the global VQ-VAE it received (data-independent). No loss, no PSNR, no per-subject value.
+RELEASED_METRICS = frozenset({
+    "epsilon", "job_epsilon", "dp_noise_multiplier", "dp_sample_rate", "dp_steps", "dp_max_grad_norm",
+    "dp_delta", "num_subjects", "num_val_subjects", "skipped_subjects", "unreadable_subjects",
+    "vqvae_checksum",
+})  # fmt: skip
+NUM_SAMPLES_KEY = "NUM_STEPS_CURRENT_ROUND"  # NVFlare's meta key for the aggregation weight
+FROZEN_PREFIX = "vqvae."  # the prior job ships the frozen VQ-VAE under this prefix
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +127,16 @@ def test_one_ledger_per_site_composes_both_jobs_within_budget(dp_run):
         assert e.noise_multiplier == pytest.approx(
             noise_multiplier_for(TARGET_EPS, 1e-5, e.sample_rate, rounds * e.steps), rel=1e-6
         )
+        # independently: that σ over the job's planned steps spends about the target ε (tests/test_privacy_references)
+        eps = epsilon_integer_orders([(e.noise_multiplier, e.sample_rate, rounds * e.steps)], 1e-5)
+        assert 0.95 * TARGET_EPS <= eps <= 1.05 * TARGET_EPS, (e.job, e.noise_multiplier, eps)
     vq = entries[0].session
     assert entries[1].session == vq and entries[2].session != vq  # one session per client run of a job
     assert led.epsilon(1e-5, session=vq) <= TARGET_EPS + 1e-6
     total = led.epsilon(1e-5)
     assert total == pytest.approx(epsilon_from_history(led.history(), 1e-5))
+    ref = epsilon_integer_orders(led.history(), 1e-5)
+    assert 0.9 * ref <= total <= 1.01 * ref, (total, ref)  # both jobs composed, by the independent reference
     assert led.epsilon(1e-5, session=vq) < total <= dp_run["budgets"]["site-1"]
 
 
@@ -127,11 +145,9 @@ def test_leak_audit_every_result_is_the_dp_mechanisms_output(dp_run):
     released (clipped + noised) gradients from the received weights; the released gradients carry at
     least the Gaussian noise σC/B they should."""
     from fl_app.fl.leak_audit import replay_round
-    from fl_app.fl.local_dp import ACCOUNTING_METRICS, DATA_INDEPENDENT_METRICS
-    from fl_app.fl.server import FROZEN_PREFIX
-    from fl_app.privacy.aggregation import NUM_SAMPLES_KEY
 
-    allowed_metrics = ACCOUNTING_METRICS | DATA_INDEPENDENT_METRICS
+    # written out here, not imported from the client: what docs/PRIVACY.md says a DP site releases
+    allowed_metrics = RELEASED_METRICS
     allowed_meta = {"initial_metrics", NUM_SAMPLES_KEY}
     for kind, rounds in (("vqvae", VQ_ROUNDS), ("prior", PRIOR_ROUNDS)):
         sent = _records(dp_run["audit"] / kind / "site-1", "result")
@@ -178,6 +194,8 @@ def test_server_dp_fedavg_and_privacy_report(dp_run, tmp_path):
     assert all(a["name"] == "dp-fedavg" and a["sites"] == 1 for a in aggs)
     assert aggs[-1]["rounds"] == VQ_ROUNDS
     assert aggs[-1]["epsilon"] == pytest.approx(epsilon_from_history([(0.5, 1.0, VQ_ROUNDS)], 1e-5))
+    exact = epsilon_analytic_gaussian(0.5, VQ_ROUNDS, 1e-5)  # the exact ε of σ = 0.5 over 2 full rounds
+    assert exact <= aggs[-1]["epsilon"] <= 1.15 * exact
     rep = privacy_report(dp_run["run"], site_config_dir=dp_run["cfg_dir"])
     s1 = rep["sites"]["site-1"]
     assert s1["total_epsilon"] == pytest.approx(_ledger(dp_run["root"], "site-1").epsilon(1e-5))
@@ -192,4 +210,42 @@ def test_server_dp_fedavg_and_privacy_report(dp_run, tmp_path):
                         "--json", str(out)]) == 0  # fmt: skip
     assert json.loads(out.read_text())["sites"]["site-1"]["total_epsilon"] == pytest.approx(
         s1["total_epsilon"]
+    )
+
+
+def test_tensorboard_events_of_a_dp_site_hold_only_released_metrics(dp_run):
+    """What the server's TensorBoard recorded for the DP site, read back: only the released names."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for kind, rounds in (("vqvae", VQ_ROUNDS), ("prior", PRIOR_ROUNDS)):
+        tb = (
+            dp_run["run"] / "nvflare" / "sim" / f"synthbrain-{kind}" / "server" / "simulate_job" / "tb_events"
+        )
+        acc = EventAccumulator(str(tb / "site-1"))
+        acc.Reload()
+        tags = set(acc.Tags()["scalars"])
+        assert {"epsilon", "job_epsilon", "dp_noise_multiplier"} <= tags <= RELEASED_METRICS, tags
+        assert [e.step for e in acc.Scalars("job_epsilon")] == list(range(rounds))
+        assert acc.Scalars("job_epsilon")[-1].value <= TARGET_EPS + 1e-6
+
+
+def test_privacy_report_update_card_through_the_cli(dp_run, capsys):
+    from fl_app.cli import main
+    from fl_app.global_model import write_global_model
+
+    run = dp_run["run"]
+    report = ["privacy", "report", "--run", str(run), "--site-config-dir", str(dp_run["cfg_dir"])]
+    assert main([*report, "--update-card"]) == 1  # no global model yet: nothing to update, and it says so
+    assert "no model card" in capsys.readouterr().err
+    card_path = write_global_model(run) / "model_card.json"
+    assert "report" not in json.loads(card_path.read_text())["privacy"]
+    assert main([*report, "--update-card"]) == 0
+    out = capsys.readouterr().out
+    assert "site-1" in out and "TOTAL" in out
+    card = json.loads(card_path.read_text())["privacy"]
+    assert card["differential_privacy"] is True
+    total = _ledger(dp_run["root"], "site-1").epsilon(1e-5)
+    assert card["report"]["site_total_epsilon"] == {"site-1": pytest.approx(total), "site-2": 0.0}
+    assert (
+        card["report"]["server_epsilon"]["vqvae"] > 0 and card["report"]["sites"]["site-2"]["refusals"] == 3
     )

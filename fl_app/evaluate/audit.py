@@ -196,18 +196,18 @@ def load_site_audit(path: str | Path) -> dict[str, Any]:
 def gate_cohort(
     out: str | Path,
     profile: Any,
-    audit_site: Sequence[str | Path] | None,
+    site_audits: Sequence[dict[str, Any]],
     audit_against: Sequence[str | Path] | None,
     quantile: float = 0.05,
     no_gate: bool = False,
 ) -> int:
-    """The release gate of a written cohort: combine the site audits (``audit_site`` JSONs, and/or this
-    audit run here against ``audit_against`` BIDS sites), write ``code/synthbrain/audit.json`` and withhold
+    """The release gate of a written cohort: combine the site audits (``site_audits``, each read with
+    :func:`load_site_audit`, and/or this audit run here against ``audit_against`` BIDS sites), write ``code/synthbrain/audit.json`` and withhold
     the flagged subjects (:func:`~fl_app.generate.cohort_folder.gate_release`); with ``no_gate`` keep them
     and return 1. Returns 0 otherwise."""
     from fl_app.generate.cohort_folder import gate_release, write_json
 
-    results = [load_site_audit(p) for p in audit_site or []]
+    results = list(site_audits)
     if audit_against:
         results += audit_cohort_locally(out, audit_against, profile, quantile=quantile)
     summary = combine_site_audits(results)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,6 +365,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     clients = args.clients or (list_site_configs(args.site_config_dir) if args.site_config_dir else None)
     if not clients:
         print("error: give --site-config-dir (simulator / POC) or --clients (production)")
+        return 2
+    if args.env == "prod" and not (args.startup_kit and Path(args.startup_kit).is_dir()):
+        given = f"{args.startup_kit} is not a folder" if args.startup_kit else "not given"
+        print(
+            f"error: --env prod needs --startup-kit, the admin's startup kit folder ({given})",
+            file=sys.stderr,
+        )
         return 2
     run_dir = Path(args.runs) / args.run
     strategy, strategy_args = args.strategy, json.loads(args.strategy_args) if args.strategy_args else None

@@ -271,12 +271,16 @@ def sample_cohort(
 
 
 def _run_sample(args: argparse.Namespace) -> int:
+    from fl_app.evaluate.audit import load_site_audit
+
     try:
         gm = load_global_model(args.model, args.vqvae, args.prior, device=args.device)
         if args.spec:
             rows = read_spec(args.spec)
         else:
             rows = make_rows(args.n, parse_age(args.age), args.sex, args.diagnosis, args.seed)
+        # the sites' audit results are read before sampling: a bad file fails at once, not after the run
+        audits = [load_site_audit(p) for p in args.audit_site or []]
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -310,7 +314,7 @@ def _run_sample(args: argparse.Namespace) -> int:
         from fl_app.evaluate.audit import gate_cohort
 
         status = gate_cohort(
-            args.out, gm.profile, args.audit_site, args.audit_against, args.audit_quantile, args.no_gate
+            args.out, gm.profile, audits, args.audit_against, args.audit_quantile, args.no_gate
         )
     if not args.no_qc:
         from fl_app.generate.qc import write_qc

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +213,14 @@ def _cmd(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rep, indent=2, default=str))
     if args.update_card:
-        attach_to_model_card(args.run, rep)
+        card = attach_to_model_card(args.run, rep)
+        if card is None:
+            print(
+                f"error: no model card at {Path(args.run) / 'global' / 'model_card.json'} to update",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"model card updated: {card}")
     return 0
 
 
