@@ -12,7 +12,10 @@ label maps and, per subject, in a fresh process (torch on ``--threads`` threads)
    (label > 0) and of CSF, GM and WM; brain tissue fraction (GM + WM) / (CSF + GM + WM), derived vs truth
    (Pearson r and mean absolute error over subjects).
 
-Prints one JSON document (``--json OUT`` also writes it). Timings are of whatever machine runs it.
+Prints one JSON document (``--json OUT`` also writes it). Timings are of whatever machine runs it; on a
+busy one read ``cpu_s`` (CPU seconds of the subject's process, all threads): on an idle machine with
+``--threads`` cores the wall time lies between ``cpu_s / threads`` and ``cpu_s``
+(``site_of_200_hours_idle_estimate``).
 
     python bench/preprocess.py --subjects 10 --full-subjects 1 --json bench_preprocess.json
 """
@@ -53,6 +56,12 @@ def _subject(image: str, truth: str, profile: str, cache: str, threads: int) -> 
     t0 = time.perf_counter()
     _brain_extractor()  # network load, once per process (once per site in practice)
     t_load = time.perf_counter() - t0
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    c0 = cpu()
     t0 = time.perf_counter()
     d = AnatomyCache(cache).get(image)
     t_derive = time.perf_counter() - t0
@@ -66,6 +75,9 @@ def _subject(image: str, truth: str, profile: str, cache: str, threads: int) -> 
     pre = PreprocessCache(Path(cache) / "pre", cfg).get(image, d.label)
     out["prepare_s"] = round(time.perf_counter() - t0, 2)
     out["total_s"] = round(t_derive + out["prepare_s"], 2)
+    out["cpu_s"] = round(
+        cpu() - c0, 2
+    )  # CPU seconds (all threads): wall time on an idle machine is >= cpu_s / threads
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     truth_lab = preprocess_subject(image, truth, cfg).label
     der = pre.label
@@ -117,6 +129,15 @@ def run_profile(profile: str, n_sites: int, per_site: int, seed: int, threads: i
             "median": round(statistics.median(tot), 2),
             "max": round(max(tot), 2),
         }
+        cpu_s = [r["cpu_s"] for r in ok]
+        summary["cpu_seconds_per_subject"] = {
+            "mean": round(statistics.mean(cpu_s), 2),
+            "max": round(max(cpu_s), 2),
+        }
+        summary["site_of_200_hours_idle_estimate"] = [
+            round(200 * statistics.mean(cpu_s) / threads / 3600, 2),
+            round(200 * statistics.mean(cpu_s) / 3600, 2),
+        ]
         summary["model_load_s"] = round(statistics.mean(r["model_load_s"] for r in ok), 2)
         summary["peak_rss_mb_max"] = max(r["peak_rss_mb"] for r in ok)
         summary["site_of_200_hours"] = round(200 * statistics.mean(tot) / 3600, 2)
@@ -154,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sites", type=int, default=4, help="simulated sites (presets cycle every 4)")
     ap.add_argument("--subjects", type=int, default=5, help="subjects per site at cpu-demo")
     ap.add_argument("--full-subjects", type=int, default=1, help="subjects per site at full-1mm (0: skip)")
+    ap.add_argument("--full-sites", type=int, default=4, help="simulated sites at full-1mm")
     ap.add_argument("--seed", type=int, default=20261201)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the result here")

@@ -281,3 +281,39 @@ def test_anatomy_cache_key_is_the_content(checked, tmp_path):
     assert c.key(moved) == c.key(src)
     d = c.get(moved)
     assert d.cached and d.label == Path(rep["subjects"][0]["label"])
+
+
+def test_plausibility_checks_name_each_reason():
+    """Volume, centring, field-of-view edge and tissue fractions, on synthetic arrays (no network)."""
+    from fl_app.data.anatomy import plausibility_problems
+    from fl_app.data.nifti import Volume
+
+    shape = (60, 60, 60)
+    aff = np.diag([3.0, 3.0, 3.0, 1.0])
+    head = np.zeros(shape, bool)
+    head[5:55, 5:55, 5:55] = True
+    vol = Volume(np.where(head, 100.0, 0.0).astype(np.float32), aff, "float32", Path("x.nii.gz"))
+    good = np.zeros(shape, bool)
+    good[18:42, 16:44, 18:42] = True  # ~ 24*28*24*27 ml/1000 = 435 ml: too small
+    label = np.where(good, 2, 0).astype(np.uint8)
+    label[good & (np.indices(shape)[0] % 3 == 0)] = 1
+    label[good & (np.indices(shape)[0] % 3 == 1)] = 3
+    codes = {p.code for p in plausibility_problems(vol, good, label, "x.nii.gz", head)}
+    assert codes == {"brain_mask_volume"}
+    big = np.zeros(shape, bool)
+    big[12:48, 10:50, 12:48] = True  # 36*40*36*27/1000 = 1400 ml, centred
+    lab = np.where(big, 2, 0).astype(np.uint8)
+    lab[big & (np.indices(shape)[0] % 3 == 0)] = 1
+    lab[big & (np.indices(shape)[0] % 3 == 1)] = 3
+    assert plausibility_problems(vol, big, lab, "x.nii.gz", head) == []
+    shifted = np.roll(big, 11, axis=0)
+    shifted_lab = np.roll(lab, 11, axis=0)
+    codes = {p.code for p in plausibility_problems(vol, shifted, shifted_lab, "x.nii.gz", head)}
+    assert codes == {"brain_mask_off_centre"}
+    edge = np.roll(big, -12, axis=2)
+    codes = {p.code for p in plausibility_problems(vol, edge, np.roll(lab, -12, axis=2), "x.nii.gz", head)}
+    assert "brain_mask_fov_edge" in codes
+    all_gm = np.where(big, 2, 0).astype(np.uint8)
+    probs = plausibility_problems(vol, big, all_gm, "x.nii.gz", head)
+    assert [p.code for p in probs] == ["tissue_fractions"] and probs[0].file == "x.nii.gz"
+    assert "CSF 0.00" in probs[0].message

@@ -123,7 +123,9 @@ def open_site_dataset(cfg: FLSiteConfig, profile: Profile):
     from fl_app.data.dataset import SiteDataset
 
     cohort = read_cohort(cfg.site)
-    ds = SiteDataset(cohort.valid(), profile, cache_dir=cfg.site.cache_dir)
+    ds = SiteDataset(
+        cohort.valid(), profile, cache_dir=cfg.site.cache_dir, derive_labels=cfg.site.derive_labels
+    )
     ds.skip_unreadable = True  # a file that stops reading mid-job is excluded, not fatal to the round
     if len(ds) < cfg.site.min_subjects:
         raise RuntimeError(
