@@ -7,7 +7,7 @@ on CPU:
    inside its wheel, nothing is downloaded), run on the scan in closest-RAS orientation at the
    network's own 256³ input grid, largest component kept and holes filled;
 2. **bias correction**: N4 (SimpleITK, Apache-2.0) inside the brain mask, fitted on a grid of about
-   4 mm (shrunk) and applied to the scan at full resolution;
+   6 mm (shrunk) and applied to the scan at full resolution;
 3. **3-class tissue segmentation**: a Gaussian mixture (scikit-learn) of the bias-corrected brain
    intensities, classes ordered by mean intensity (CSF < GM < WM as in every T1w), posteriors lightly
    smoothed in space before the voxel-wise choice (a simple spatial prior against noise).
@@ -52,6 +52,8 @@ MAX_OFF_CENTRE = 0.20
 """Largest distance of the brain centre from the head centre, as a fraction of the head's extent (L-R, A-P)."""
 
 TISSUES = ("CSF", "GM", "WM")
+BET_SHAPE = int(os.environ.get("SYNTHBRAIN_BET_SHAPE", "256"))
+"""Input grid (voxels per side) of deepbet's main network over the head's bounding box (its default: 256)."""
 
 
 @dataclass
@@ -95,14 +97,14 @@ def brain_extract(data_ras: np.ndarray) -> np.ndarray:
 
     bet = _brain_extractor()
     with torch.inference_mode():
-        prob = bet.run_model(np.ascontiguousarray(data_ras, dtype=np.float32))
+        prob = bet.run_model(np.ascontiguousarray(data_ras, dtype=np.float32), shape=(BET_SHAPE,) * 3)
     mask = prob > 0.5
     if not mask.any():
         return mask
     return np.asarray(bet.postprocess(mask), dtype=bool)
 
 
-def bias_correct(data: np.ndarray, mask: np.ndarray, zooms: np.ndarray, *, fit_mm: float = 4.0) -> np.ndarray:
+def bias_correct(data: np.ndarray, mask: np.ndarray, zooms: np.ndarray, *, fit_mm: float = 6.0) -> np.ndarray:
     """N4 bias correction (SimpleITK) fitted inside ``mask`` on a ~``fit_mm`` grid; returns the corrected array."""
     import SimpleITK as sitk
 
@@ -112,7 +114,7 @@ def bias_correct(data: np.ndarray, mask: np.ndarray, zooms: np.ndarray, *, fit_m
     msk.CopyInformation(img)
     shrink = [max(1, round(fit_mm / float(z))) for z in zooms]
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
-    n4.SetMaximumNumberOfIterations([50, 50, 30])
+    n4.SetMaximumNumberOfIterations([40, 30, 20])
     n4.Execute(sitk.Shrink(img, shrink), sitk.Shrink(msk, shrink))
     log_bias = np.transpose(sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(img)), (2, 1, 0))
     return (data / np.exp(log_bias)).astype(np.float32)
@@ -323,7 +325,8 @@ class AnatomyCache:
                         label=nii if label is not None else None,
                         brain_ml=float(d["brain_ml"]),
                         fractions={k: float(v) for k, v in d["fractions"].items()},
-                        problems=[Problem(**p) for p in d["problems"]],
+                        # the same bytes may sit at another path now: name the file asked about
+                        problems=[Problem(p["code"], p["message"], str(image_path)) for p in d["problems"]],
                         seconds={k: float(v) for k, v in d.get("seconds", {}).items()},
                         cached=True,
                     )
