@@ -203,13 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         "profiles": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [("cpu-demo", args.subjects)] + (
-            [("full-1mm", args.full_subjects)] if args.full_subjects else []
-        )
-        for profile, n in runs:
-            result["profiles"][profile] = run_profile(
-                profile, args.sites, n, args.seed, args.threads, Path(tmp)
-            )
+        runs = [("cpu-demo", args.sites, args.subjects)]
+        runs += [("full-1mm", args.full_sites, args.full_subjects)] if args.full_subjects else []
+        for profile, n_sites, n in runs:
+            result["profiles"][profile] = run_profile(profile, n_sites, n, args.seed, args.threads, Path(tmp))
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(result, indent=1)
     print(text)
