@@ -66,17 +66,26 @@ def _cmd_site_check(args: argparse.Namespace) -> int:
     except CohortError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    from fl_app.data.dataset import default_cache_dir
+
+    derive = cfg.derive_labels and not args.no_derive
     report = check_site(
         cohort,
         profile,
         min_subjects=cfg.min_subjects,
         max_invalid_fraction=cfg.max_invalid_fraction,
         progress=not args.quiet and sys.stderr.isatty(),
+        anatomy_cache_dir=(cfg.cache_dir or default_cache_dir()) if derive else None,
     )
     print(report.format_table())
     if args.json:
         report.write_json(args.json)
         print(f"JSON report written to {args.json}")
+    if args.qc:
+        from fl_app.data.anatomy_qc import write_site_qc
+
+        page = write_site_qc(report, args.qc, progress=not args.quiet and sys.stderr.isatty())
+        print(f"QC overlays and page written to {page}")
     return 0 if report.ok else 1
 
 
@@ -87,7 +96,9 @@ def _add_site_parser(sub: argparse._SubParsersAction) -> None:
         "check",
         help="validate every subject of a site's data; exit 0 if the site can join",
         description="Reads every image and label map (read-only), checks covariates, geometry and labels, prints "
-        "a table of every problem and exits 0 when the site can join, 1 otherwise. Nothing is sent anywhere.",
+        "a table of every problem and exits 0 when the site can join, 1 otherwise. Subjects without a tissue "
+        "label map get one derived on site (bias correction, brain extraction, tissue segmentation; cached in "
+        "the site's cache). Nothing is sent anywhere.",
     )
     chk.add_argument("--bids", help="BIDS folder of the site")
     chk.add_argument("--manifest", help="CSV manifest (path, age, sex, diagnosis[, label_path])")
@@ -95,6 +106,15 @@ def _add_site_parser(sub: argparse._SubParsersAction) -> None:
     chk.add_argument("--profile", help="profile name or YAML (default: the site config's, else cpu-demo)")
     chk.add_argument("--min-subjects", type=int, help="override the minimum number of valid subjects")
     chk.add_argument("--json", help="also write the report as JSON here")
+    chk.add_argument(
+        "--qc", help="write QC overlay PNGs and an offline HTML page (site_check.html) into this folder"
+    )
+    chk.add_argument(
+        "--no-derive",
+        action="store_true",
+        help="do not derive brain masks / tissue labels for subjects without a label map (site YAML: "
+        "derive_labels: false)",
+    )
     chk.add_argument("--quiet", action="store_true", help="no progress bar")
     chk.set_defaults(func=_cmd_site_check)
 

@@ -367,6 +367,11 @@ class SiteConfig(_Strict):
     label_derivative: str | None = Field(
         None, description="Name of the derivatives/<name> folder holding dseg maps; None = any."
     )
+    derive_labels: bool = Field(
+        True,
+        description="Derive a brain mask and CSF/GM/WM labels on site (fl_app.data.anatomy, cached in cache_dir) "
+        "for subjects without a label map; a provided label map always wins.",
+    )
     privacy: SitePrivacy = SitePrivacy()
     compute: SiteCompute = SiteCompute()
     training: SiteTraining = SiteTraining()

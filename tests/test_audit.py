@@ -54,8 +54,9 @@ def setup(head, tmp_path_factory):
     site = _site(tmp / "site-a", head, [f"sub-t{i:02d}" for i in range(8)], rng)
     heldout = _site(tmp / "heldout", head, ["sub-h01", "sub-h02"], rng)
     cache = tmp / "cache"
-    train = SiteDataset(read_bids(site).valid(), PROFILE, cache)
-    held = SiteDataset(read_bids(heldout).valid(), PROFILE, cache)
+    # image-only profile and label-free synthetic heads: no on-site label derivation (tests/test_anatomy.py has it)
+    train = SiteDataset(read_bids(site).valid(), PROFILE, cache, derive_labels=False)
+    held = SiteDataset(read_bids(heldout).valid(), PROFILE, cache, derive_labels=False)
     cohort = tmp / "cohort"
     samples = {
         "sub-copy": train[3]["image"][0].numpy(),  # planted: a training image, as a sample file

@@ -37,17 +37,18 @@ def test_without_labels_and_unknown_covariates(tmp_path, head, profile):
     cohort = read_bids(site)
     cohort.subjects[0].age = None
     cohort.subjects[0].sex = None
-    ds = SiteDataset(cohort.subjects, image_only, cache_dir=tmp_path / "cache")
+    ds = SiteDataset(cohort.subjects, image_only, cache_dir=tmp_path / "cache", derive_labels=False)
     item = ds[0]
     assert not bool(item["has_label"]) and (item["label"] == -1).all()
     assert math.isnan(item["age"].item()) and item["sex"].item() == len(SEXES)
 
 
 def test_without_labels_under_brain_extraction_is_skipped(tmp_path, head, profile):
-    """The cpu-demo profile brain-extracts with the label map: a subject without one is skipped and counted."""
+    """The cpu-demo profile brain-extracts with the label map: without one (and with the on-site anatomy
+    stage turned off) a subject is skipped and counted."""
     assert profile.data.brain_mask == "labels"
     site = write_bids_site(tmp_path / "s", head, default_rows(2), with_labels=False)
-    ds = SiteDataset(read_bids(site).subjects, profile, cache_dir=tmp_path / "cache")
+    ds = SiteDataset(read_bids(site).subjects, profile, cache_dir=tmp_path / "cache", derive_labels=False)
     assert len(ds) == 0 and ds.n_skipped == 2
 
 

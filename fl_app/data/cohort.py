@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fl_app.config import CohortColumns, SiteConfig
 from fl_app.data.nifti import Problem
@@ -48,6 +49,8 @@ class Subject:
     site: str = "site"
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    label_source: str | None = None  # "provided" | "derived" (fl_app.data.anatomy); None = no label map
+    anatomy: dict[str, Any] | None = None  # facts of a derived label map (volume, fractions, timings)
 
     @property
     def ok(self) -> bool:

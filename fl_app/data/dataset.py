@@ -10,7 +10,9 @@ Each item is a dict::
     diagnosis   int64 scalar index into DIAGNOSES (UNKNOWN_DIAGNOSIS if unknown)
     participant_id  str
 
-Volumes are preprocessed once through :class:`~fl_app.data.preprocess.PreprocessCache`. A
+Subjects without a tissue label map get the one derived on site by :mod:`fl_app.data.anatomy` (from the
+site's cache, derived there if missing; ``derive_labels=False`` turns that off) and from then on are read
+exactly like subjects with a provided map. Volumes are preprocessed once through :class:`~fl_app.data.preprocess.PreprocessCache`. A
 subject whose file cannot be read (even one that became unreadable after ``site check``) is
 skipped when the dataset is prepared; only the *count* of skipped subjects is exposed
 (``dataset.n_skipped``), never their content.
@@ -25,6 +27,7 @@ round is running is returned as ``None`` (the training collates drop it) instead
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -37,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data._utils.collate import default_collate
 
 from fl_app.config import Profile
+from fl_app.data.anatomy import AnatomyCache
 from fl_app.data.cohort import Subject
 from fl_app.data.covariates import diagnosis_index, sex_index
 from fl_app.data.nifti import NiftiError
@@ -61,9 +65,11 @@ class SiteDataset(Dataset):
         cache_dir: str | Path | None = None,
         *,
         use_labels: bool = True,
+        derive_labels: bool = True,
     ):
         self.profile = profile
         self.cache = PreprocessCache(cache_dir or default_cache_dir(), profile.data)
+        anatomy = AnatomyCache(cache_dir or default_cache_dir()) if derive_labels else None
         # preprocessing needs the label map when it brain-extracts with it, whatever the caller wants back
         self.use_labels = use_labels or profile.data.brain_mask == "labels"
         self.subjects: list[Subject] = []
@@ -76,6 +82,14 @@ class SiteDataset(Dataset):
                 self.n_skipped += 1
                 continue
             try:
+                if s.label is None and anatomy is not None and self.use_labels:
+                    # no label map from the site: the derived one (site cache) is read exactly like a provided one
+                    derived = anatomy.get(s.image)
+                    if derived.problems:
+                        raise NiftiError(derived.problems[0])
+                    s = dataclasses.replace(
+                        s, label=derived.label, label_source="derived", anatomy=derived.to_dict()
+                    )
                 self.cache.get(s.image, s.label if self.use_labels else None)
             except (NiftiError, OSError, ValueError) as exc:
                 self.n_skipped += 1

@@ -386,7 +386,7 @@ def open_site_dataset(cfg: SiteConfig, profile: Profile):
     from fl_app.data.dataset import SiteDataset
 
     cohort = read_cohort(cfg)
-    ds = SiteDataset(cohort.valid(), profile, cache_dir=cfg.cache_dir)
+    ds = SiteDataset(cohort.valid(), profile, cache_dir=cfg.cache_dir, derive_labels=cfg.derive_labels)
     ds.skip_unreadable = True  # a file that stops reading mid-job is excluded, not fatal to the round
     if len(ds) < cfg.min_subjects:
         raise RuntimeError(
