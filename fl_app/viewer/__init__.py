@@ -15,24 +15,5 @@ other QC page, e.g. a site check's::
 (:func:`entries_for_path` makes the entries of a NIfTI file, BIDS subject or BIDS dataset.)
 """
 
-from fl_app.viewer.page import (
-    NIIVUE_SHA256,
-    NIIVUE_VERSION,
-    TISSUE_LABELS,
-    ViewerEntry,
-    add_view_parser,
-    entries_for_path,
-    flatten_sidecar,
-    write_viewer_page,
-)
-
-__all__ = [
-    "NIIVUE_SHA256",
-    "NIIVUE_VERSION",
-    "TISSUE_LABELS",
-    "ViewerEntry",
-    "add_view_parser",
-    "entries_for_path",
-    "flatten_sidecar",
-    "write_viewer_page",
-]
+from fl_app.viewer.page import *  # noqa: F403 (the viewer's public names, listed once in page.__all__)
+from fl_app.viewer.page import __all__  # noqa: F401
