@@ -254,7 +254,9 @@ def test_evaluate_slope_error_vs_reference(reference, tmp_path):
             assert entry["slope_error_pct_vs_reference"] == pytest.approx(50.0, abs=1e-3), name
 
 
-def test_evaluate_fails_clearly_without_label_maps(reference, tmp_path, capsys):
+def test_evaluate_derives_reference_labels_and_fails_clearly_without_cohort_labels(
+    reference, tmp_path, capsys
+):
     cohort = _cohort_of_reference(reference, tmp_path / "c")
     no_labels = tmp_path / "site-nolabels"
     shutil.copytree(reference["site"], no_labels)
@@ -262,8 +264,11 @@ def test_evaluate_fails_clearly_without_label_maps(reference, tmp_path, capsys):
     (tmp_path / "p.yaml").write_text(_small_profile_yaml(brain_mask="none"))  # preprocessed without labels
     argv = ["evaluate", "--cohort", str(cohort), "--reference", str(no_labels), "--profile", str(tmp_path / "p.yaml"),
             "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
-    assert main(argv) == 2
-    assert "no reference subject with a label map" in capsys.readouterr().err
+    # a reference without label maps is read with the labels derived for it (fl_app.data.anatomy, in the cache)
+    assert main(argv) == 0
+    assert any((tmp_path / "cache" / "anatomy").rglob("*.nii.gz"))
+    assert not (no_labels / "derivatives").exists()  # nothing written into the reference folder
+    (cohort / "qc" / "evaluation.json").unlink()
     for f in cohort.glob("sub-*/anat/*_dseg.nii.gz"):
         f.unlink()
     assert main(["evaluate", "--cohort", str(cohort)]) == 2
