@@ -15,7 +15,7 @@ the server's TensorBoard). Images and code grids never leave the site: only weig
 A site with ``compute.nproc`` > 1 runs the client under ``torchrun`` (:mod:`fl_app.train.distributed`):
 rank 0 receives the task and the global weights and sends the update; every rank trains on its shard (all
 ranks start from rank 0's weights and average their gradients); the reported sample count is the site's
-total. Entry points: ``jobs/client_vqvae.py``, ``jobs/client_prior.py`` (:func:`main`).
+total. Entry point (:func:`main`; what NVFlare runs at the site): ``python -m fl_app.fl.client vqvae|prior``.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ __all__ = [
 
 def add_common_client_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments every synthbrain client script takes (set by the job; the site YAML can cap them)."""
+    p.add_argument("job", choices=["vqvae", "prior"], help="which job's client (its Task)")
     p.add_argument("--site-config", default=None, help="site YAML (default: $SYNTHBRAIN_SITE_CONFIG)")
     p.add_argument("--site-config-dir", default=None, help="folder of <site>.yaml (simulator / POC)")
     p.add_argument(
@@ -79,8 +80,8 @@ def add_common_client_args(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     return p
 
 
-def main(kind: str, argv: list[str] | None = None) -> int:
-    """Entry point of the ``kind`` job's client: parse the job's arguments, open the NVFlare Client API,
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fl_app.fl.client vqvae|prior ...``: parse the job's arguments, open the NVFlare Client API,
     resolve the site's YAML and compute settings, join the site's torchrun group (when ``compute.nproc`` > 1),
     run :func:`client_rounds` with the job's :class:`Task` and leave the group."""
     import nvflare.client as flare
@@ -96,7 +97,8 @@ def main(kind: str, argv: list[str] | None = None) -> int:
     dist_ctx, device = D.init_from_env(device)
     try:
         check_site_parallelism(cfg, dist_ctx.world_size)
-        return client_rounds(flare, TASKS[kind](args, cfg, device, dist_ctx.is_main), args, cfg, site_name)
+        task = TASKS[args.job](args, cfg, device, dist_ctx.is_main)
+        return client_rounds(flare, task, args, cfg, site_name)
     finally:
         D.shutdown()
 
@@ -432,3 +434,7 @@ def state_delta(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]
 def state_checksum(state: Mapping[str, torch.Tensor]) -> float:
     """Σ |w| over a state dict (float64): a cheap fingerprint proving which weights a client used."""
     return float(sum(float(v.detach().double().abs().sum()) for v in state.values()))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

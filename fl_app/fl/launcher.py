@@ -3,7 +3,7 @@
 A site's YAML says how many processes it trains with (``compute.nproc``; the
 site decides its hardware, the job never does). The job's client command is this launcher::
 
-    python3 -u -m fl_app.fl.launcher custom/client_vqvae.py --max-steps 50 ...
+    python3 -u -m fl_app.fl.launcher custom/client.py vqvae --max-steps 50 ...
 
 run by NVFlare's ``ClientAPIExecutor`` as an external process (:func:`recipe_launch_args`). The launcher
 finds the site's YAML exactly as the client script does (``$SYNTHBRAIN_SITE_CONFIG``, ``--site-config``,
@@ -81,8 +81,8 @@ def _resolve_script(script: str) -> str:
     """The script's path in the app folder (the launcher's working directory).
 
     NVFlare names an absolute script ``custom/<basename>`` in the command but copies it to
-    ``custom/<its path relative to the longest sys.path entry holding it>`` (``custom/jobs/...`` when the
-    job is built from a clone); look it up under ``custom/`` when the named path does not exist.
+    ``custom/<its path relative to the longest sys.path entry holding it>`` (``custom/fl_app/fl/client.py``);
+    look it up under ``custom/`` when the named path does not exist.
     """
     if Path(script).exists():
         return script

@@ -50,7 +50,7 @@ from fl_app.run_layout import RunLayout
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CLIENT_SCRIPTS",
+    "CLIENT_SCRIPT",
     "JobSpec",
     "SynthFedAvgRecipe",
     "add_fl_parser",
@@ -59,13 +59,8 @@ __all__ = [
     "run_job",
 ]
 
-_JOBS = Path(__file__).resolve().parents[2] / "jobs"
-"""``jobs/`` of the source tree: flat client entry points (``client_vqvae.py``, ``client_prior.py``)."""
-
-CLIENT_SCRIPTS = {
-    "vqvae": _JOBS / "client_vqvae.py",
-    "prior": _JOBS / "client_prior.py",
-}
+CLIENT_SCRIPT = Path(__file__).with_name("client.py")
+"""Both jobs' client: the installed module ``fl_app.fl.client`` (``python -m fl_app.fl.client vqvae|prior``)."""
 
 
 class SynthFedAvgRecipe(PTFedAvgRecipe):
@@ -147,7 +142,8 @@ class JobSpec:
     name: str = ""
 
     def train_args(self) -> str:
-        parts = [f"--local-epochs {self.local_epochs}", f"--seed {self.seed}", f"--rounds {self.num_rounds}"]
+        parts = [self.kind, f"--local-epochs {self.local_epochs}", f"--seed {self.seed}"]
+        parts.append(f"--rounds {self.num_rounds}")
         if self.dp_epsilon:
             parts.append(f"--dp-epsilon {self.dp_epsilon}")
         if self.run_name:
@@ -171,8 +167,8 @@ def build_recipe(
     ``result_filters`` / ``data_filters``: NVFlare ``Filter`` objects added to every client for outgoing
     task results / incoming task data of the ``train`` task (e.g. :class:`fl_app.fl.leak_audit.ResultAuditFilter`).
     """
-    if spec.kind not in CLIENT_SCRIPTS:
-        raise ValueError(f"job kind must be one of {sorted(CLIENT_SCRIPTS)}, got {spec.kind!r}")
+    if spec.kind not in ("vqvae", "prior"):
+        raise ValueError(f"job kind must be vqvae or prior, got {spec.kind!r}")
     if spec.kind == "prior" and not spec.frozen_vqvae:
         raise ValueError("the prior job needs the global VQ-VAE of the vqvae job (frozen_vqvae)")
     persistor = SynthPersistor(
@@ -191,7 +187,7 @@ def build_recipe(
         server_memory_gc_rounds=spec.memory_gc_rounds,
         client_memory_gc_rounds=spec.memory_gc_rounds,
         num_rounds=spec.num_rounds,
-        train_script=str(CLIENT_SCRIPTS[spec.kind]),
+        train_script=str(CLIENT_SCRIPT),
         train_args=spec.train_args(),
         model_persistor=persistor,
         aggregator=SynthAggregator(spec.strategy_path, spec.strategy_args or None),
@@ -459,7 +455,7 @@ def _cmd_poc(args: argparse.Namespace) -> int:
         list_site_configs(args.site_config_dir) if args.site_config_dir else ["site-1", "site-2"]
     )
     if args.action == "prepare":
-        print(f"POC prepared: {poc.prepare(ws, clients)}")
+        print(f"POC prepared: {poc.prepare(ws, clients, project=args.project)}")
     elif args.action == "start":
         site_env = {}
         if args.site_config_dir:
@@ -575,6 +571,7 @@ def add_fl_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     pc.add_argument("--workspace", default="workspaces/poc/default")
     pc.add_argument("--clients", nargs="+", default=None)
     pc.add_argument("--site-config-dir", default=None)
+    pc.add_argument("--project", default="poc/project.yml", help="the POC project definition (prepare)")
     pc.set_defaults(func=_cmd_poc)
     pv = sub.add_parser("provision", help="startup kits for server, sites and admins from project.yml")
     pv.add_argument("--project", default="site_configs/project.yml")
