@@ -70,8 +70,6 @@ def add_common_client_args(p: argparse.ArgumentParser) -> argparse.ArgumentParse
         default=None,
         help="local optimiser steps per round (takes precedence over --local-epochs)",
     )
-    p.add_argument("--batch-size", type=int, default=None, help="default: profile train.batch_size")
-    p.add_argument("--lr", type=float, default=None, help="default: profile train.lr")
     p.add_argument("--seed", type=int, default=0)
     # DP: what the job asks; the site's YAML decides whether DP is on and caps the total ε
     p.add_argument("--rounds", type=int, default=1, help="the job's planned rounds (plans the DP noise)")
@@ -128,7 +126,7 @@ class Task:
         self.n_train = self.n_val = 0
 
     def batch_size(self, profile: Profile) -> int:
-        return self.cfg.training.batch_size or self.args.batch_size or profile.train.batch_size
+        return self.cfg.training.batch_size or profile.train.batch_size
 
     def setup(self, params: Mapping[str, Any] | None, profile: Profile, rnd: int) -> None: ...
     def net(self) -> torch.nn.Module: ...
@@ -156,7 +154,7 @@ class VQVAETask(Task):
         self.n_train, self.n_val = len(train_part.dataset), len(self.val_loader.dataset)
         self.train_loader = make_vqvae_loader(train_part.dataset, bs, shuffle=True, seed=args.seed + rnd)
         self.model = build_vqvae(profile, dp=cfg.privacy.enabled)  # DP-SGD refuses a quantiser not DP-safe
-        self.optimizer = make_optimizer(self.model, profile, args.lr)
+        self.optimizer = make_optimizer(self.model, profile)
 
     def net(self) -> torch.nn.Module:
         from fl_app.models.vqvae import unwrap
@@ -233,7 +231,7 @@ class PriorTask(Task):
         self.train_loader = make_prior_loader(codes.subset(train_idx), bs, shuffle=True, seed=args.seed)
         self.val_loader = make_prior_loader(codes.subset(val_idx), bs, shuffle=False) if val_idx else None
         self.model = build_prior(profile).to(self.device)
-        self.optimizer = make_prior_optimizer(self.model, args.lr or profile.train.lr)
+        self.optimizer = make_prior_optimizer(self.model, profile.train.lr)
 
     def net(self) -> torch.nn.Module:
         from fl_app.models.prior import unwrap_prior
