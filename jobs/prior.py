@@ -2,6 +2,7 @@
 
 Same as ``synthbrain fl run prior ...``; ``python jobs/prior.py --help`` lists the options. The job itself is
 built by :func:`fl_app.fl.run.build_recipe` (export a job folder with ``synthbrain fl export prior``).
+Each site runs its client, ``python -m fl_app.fl.client prior`` (:mod:`fl_app.fl.client`, installed with the package).
 """
 
 import argparse

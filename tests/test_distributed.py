@@ -158,6 +158,20 @@ def test_launcher_command_and_recipe_launch_choice(tmp_path, monkeypatch):
         and "--nproc_per_node=2" in two
         and two[-4:] == ["--", "custom/c.py", "--x", "1"]
     )
+    # the jobs' client: the site's installed module (not the job's copy of client.py)
+    assert D.launch_argv(D.CLIENT_MODULE, ["vqvae"], 1, python="py", module=True) == [
+        "py",
+        "-u",
+        "-m",
+        "fl_app.fl.client",
+        "vqvae",
+    ]
+    assert D.launch_argv(D.CLIENT_MODULE, ["vqvae"], 2, python="py", module=True)[-4:] == [
+        "--module",
+        "--",
+        "fl_app.fl.client",
+        "vqvae",
+    ]
 
     # POC / production: the sites' YAMLs are private, so always the site launcher, with the sites' python3
     prod = D.recipe_launch_args(None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from fl_app.config import load_profile
 from fl_app.fl.run import JobSpec, build_recipe
@@ -35,7 +36,18 @@ def test_exported_job_keeps_drop_out_and_memory_options(tmp_path) -> None:
     assert ex["memory_gc_rounds"] == 2
     # POC / production: the site launcher runs the client script with the site's own process count
     cmd = ex["command"]
-    assert cmd[cmd.index("-m") + 1] == "fl_app.fl.launcher" and cmd[cmd.index("-m") + 2].endswith(
-        "client_vqvae.py"
-    )
+    assert cmd[cmd.index("-m") + 1] == "fl_app.fl.launcher" and cmd[cmd.index("-m") + 2].endswith("client.py")
+    assert cmd[cmd.index("-m") + 3] == "vqvae"  # the job's task in the one client module
     assert cmd[cmd.index("--max-steps") + 1] == "5" and cmd[cmd.index("--rounds") + 1] == "4"
+
+
+def test_job_client_is_a_module_of_the_installed_package() -> None:
+    """Jobs name the client by the fl_app package (no script from the source tree): an installed,
+    non-editable package can build and run a job."""
+    import fl_app
+    from fl_app.fl.run import CLIENT_SCRIPT
+
+    assert CLIENT_SCRIPT.is_file() and Path(fl_app.__file__).parent in CLIENT_SCRIPT.parents
+    assert CLIENT_SCRIPT.relative_to(Path(fl_app.__file__).parents[1]).with_suffix("").parts == (
+        "fl_app", "fl", "client",
+    )  # fmt: skip

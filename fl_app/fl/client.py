@@ -15,7 +15,7 @@ the server's TensorBoard). Images and code grids never leave the site: only weig
 A site with ``compute.nproc`` > 1 runs the client under ``torchrun`` (:mod:`fl_app.train.distributed`):
 rank 0 receives the task and the global weights and sends the update; every rank trains on its shard (all
 ranks start from rank 0's weights and average their gradients); the reported sample count is the site's
-total. Entry points: ``jobs/client_vqvae.py``, ``jobs/client_prior.py`` (:func:`main`).
+total. Entry point (:func:`main`; what NVFlare runs at the site): ``python -m fl_app.fl.client vqvae|prior``.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ __all__ = [
 
 def add_common_client_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments every synthbrain client script takes (set by the job; the site YAML can cap them)."""
+    p.add_argument("job", choices=["vqvae", "prior"], help="which job's client (its Task)")
     p.add_argument("--site-config", default=None, help="site YAML (default: $SYNTHBRAIN_SITE_CONFIG)")
     p.add_argument("--site-config-dir", default=None, help="folder of <site>.yaml (simulator / POC)")
     p.add_argument(
@@ -69,8 +70,6 @@ def add_common_client_args(p: argparse.ArgumentParser) -> argparse.ArgumentParse
         default=None,
         help="local optimiser steps per round (takes precedence over --local-epochs)",
     )
-    p.add_argument("--batch-size", type=int, default=None, help="default: profile train.batch_size")
-    p.add_argument("--lr", type=float, default=None, help="default: profile train.lr")
     p.add_argument("--seed", type=int, default=0)
     # DP: what the job asks; the site's YAML decides whether DP is on and caps the total ε
     p.add_argument("--rounds", type=int, default=1, help="the job's planned rounds (plans the DP noise)")
@@ -79,8 +78,8 @@ def add_common_client_args(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     return p
 
 
-def main(kind: str, argv: list[str] | None = None) -> int:
-    """Entry point of the ``kind`` job's client: parse the job's arguments, open the NVFlare Client API,
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fl_app.fl.client vqvae|prior ...``: parse the job's arguments, open the NVFlare Client API,
     resolve the site's YAML and compute settings, join the site's torchrun group (when ``compute.nproc`` > 1),
     run :func:`client_rounds` with the job's :class:`Task` and leave the group."""
     import nvflare.client as flare
@@ -96,7 +95,8 @@ def main(kind: str, argv: list[str] | None = None) -> int:
     dist_ctx, device = D.init_from_env(device)
     try:
         check_site_parallelism(cfg, dist_ctx.world_size)
-        return client_rounds(flare, TASKS[kind](args, cfg, device, dist_ctx.is_main), args, cfg, site_name)
+        task = TASKS[args.job](args, cfg, device, dist_ctx.is_main)
+        return client_rounds(flare, task, args, cfg, site_name)
     finally:
         D.shutdown()
 
@@ -126,7 +126,7 @@ class Task:
         self.n_train = self.n_val = 0
 
     def batch_size(self, profile: Profile) -> int:
-        return self.cfg.training.batch_size or self.args.batch_size or profile.train.batch_size
+        return self.cfg.training.batch_size or profile.train.batch_size
 
     def setup(self, params: Mapping[str, Any] | None, profile: Profile, rnd: int) -> None: ...
     def net(self) -> torch.nn.Module: ...
@@ -154,7 +154,7 @@ class VQVAETask(Task):
         self.n_train, self.n_val = len(train_part.dataset), len(self.val_loader.dataset)
         self.train_loader = make_vqvae_loader(train_part.dataset, bs, shuffle=True, seed=args.seed + rnd)
         self.model = build_vqvae(profile, dp=cfg.privacy.enabled)  # DP-SGD refuses a quantiser not DP-safe
-        self.optimizer = make_optimizer(self.model, profile, args.lr)
+        self.optimizer = make_optimizer(self.model, profile)
 
     def net(self) -> torch.nn.Module:
         from fl_app.models.vqvae import unwrap
@@ -231,7 +231,7 @@ class PriorTask(Task):
         self.train_loader = make_prior_loader(codes.subset(train_idx), bs, shuffle=True, seed=args.seed)
         self.val_loader = make_prior_loader(codes.subset(val_idx), bs, shuffle=False) if val_idx else None
         self.model = build_prior(profile).to(self.device)
-        self.optimizer = make_prior_optimizer(self.model, args.lr or profile.train.lr)
+        self.optimizer = make_prior_optimizer(self.model, profile.train.lr)
 
     def net(self) -> torch.nn.Module:
         from fl_app.models.prior import unwrap_prior
@@ -432,3 +432,7 @@ def state_delta(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]
 def state_checksum(state: Mapping[str, torch.Tensor]) -> float:
     """Σ |w| over a state dict (float64): a cheap fingerprint proving which weights a client used."""
     return float(sum(float(v.detach().double().abs().sum()) for v in state.values()))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,15 +1,16 @@
-"""The site launcher: runs a job's client script with the site's own process count (``compute.nproc``).
+"""The site launcher: runs a job's client with the site's own process count (``compute.nproc``).
 
 A site's YAML says how many processes it trains with (``compute.nproc``; the
 site decides its hardware, the job never does). The job's client command is this launcher::
 
-    python3 -u -m fl_app.fl.launcher custom/client_vqvae.py --max-steps 50 ...
+    python3 -u -m fl_app.fl.launcher custom/client.py vqvae --max-steps 50 ...
 
 run by NVFlare's ``ClientAPIExecutor`` as an external process (:func:`recipe_launch_args`). The launcher
-finds the site's YAML exactly as the client script does (``$SYNTHBRAIN_SITE_CONFIG``, ``--site-config``,
+finds the site's YAML exactly as the client does (``$SYNTHBRAIN_SITE_CONFIG``, ``--site-config``,
 ``<--site-config-dir>/<site>.yaml``; the site name comes from NVFlare's trainer bootstrap file) and
-replaces itself (``exec``) with either the client script (``nproc: 1``) or ``torchrun --standalone
---nproc_per_node=N`` of it. torchrun's processes inherit NVFlare's bootstrap: rank 0 (``RANK=0``) opens
+replaces itself (``exec``) with either the site's installed client module, ``python -m fl_app.fl.client``
+(``nproc: 1``), or ``torchrun --standalone --nproc_per_node=N --module`` of it. The copy of ``client.py``
+that NVFlare puts in the job (``custom/...``) is not run: a site runs the ``fl_app`` it installed. torchrun's processes inherit NVFlare's bootstrap: rank 0 (``RANK=0``) opens
 the Client API session and talks to the server; the other ranks have none (NVFlare 2.9's Cell Client
 API is passive off rank 0) and get each round's task and global weights from rank 0 by broadcast
 (:mod:`fl_app.train.distributed`).
@@ -28,10 +29,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LAUNCHER_MODULE", "check_site_parallelism", "launch_argv", "main", "recipe_launch_args"]
+__all__ = [
+    "CLIENT_MODULE",
+    "LAUNCHER_MODULE",
+    "check_site_parallelism",
+    "launch_argv",
+    "main",
+    "recipe_launch_args",
+]
 
 LAUNCHER_MODULE = "fl_app.fl.launcher"
 """``python -m`` target of the site launcher (the command the jobs give NVFlare's external launch)."""
+CLIENT_MODULE = "fl_app.fl.client"
+"""``python -m`` target of both jobs' client."""
 
 
 def check_site_parallelism(cfg: Any, world_size: int | None = None) -> None:
@@ -77,26 +87,14 @@ def _site_config_for(script_args: list[str], site_name: str | None) -> Any:
     return load_site_config(path)
 
 
-def _resolve_script(script: str) -> str:
-    """The script's path in the app folder (the launcher's working directory).
-
-    NVFlare names an absolute script ``custom/<basename>`` in the command but copies it to
-    ``custom/<its path relative to the longest sys.path entry holding it>`` (``custom/jobs/...`` when the
-    job is built from a clone); look it up under ``custom/`` when the named path does not exist.
-    """
-    if Path(script).exists():
-        return script
-    found = sorted(str(p) for p in Path("custom").rglob(Path(script).name)) if Path("custom").is_dir() else []
-    if len(found) == 1:
-        return found[0]
-    raise FileNotFoundError(f"client script {script} not found in {Path.cwd()} (candidates: {found})")
-
-
-def launch_argv(script: str, script_args: list[str], nproc: int, python: str | None = None) -> list[str]:
-    """The command that runs ``script`` with ``nproc`` processes (``torchrun --standalone`` when > 1)."""
+def launch_argv(
+    script: str, script_args: list[str], nproc: int, python: str | None = None, module: bool = False
+) -> list[str]:
+    """The command that runs ``script`` (a module if ``module``) with ``nproc`` processes (``torchrun
+    --standalone`` when > 1)."""
     py = python or sys.executable
     if nproc <= 1:
-        return [py, "-u", script, *script_args]
+        return [py, "-u", *(["-m"] if module else []), script, *script_args]
     return [
         py,
         "-u",
@@ -104,6 +102,7 @@ def launch_argv(script: str, script_args: list[str], nproc: int, python: str | N
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={nproc}",
+        *(["--module"] if module else []),
         "--",  # the script's own options (--run ...) must not be taken as abbreviations of torchrun's
         script,
         *script_args,
@@ -144,7 +143,8 @@ def recipe_launch_args(site_config_dir: str | Path | None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fl_app.fl.launcher SCRIPT [ARGS...]``: run SCRIPT with the site's ``compute.nproc``.
+    """``python -m fl_app.fl.launcher SCRIPT [ARGS...]``: run the client module with ARGS and the site's
+    ``compute.nproc`` (SCRIPT: the job's copy of ``client.py``, named by NVFlare; not run).
 
     Reads the site's YAML, refuses DP with several processes, exports the site's GPUs
     (``CUDA_VISIBLE_DEVICES``) and per-process threads (``OMP_NUM_THREADS``) to the processes it starts,
@@ -155,14 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(main.__doc__)
         return 0 if args else 2
-    script, script_args = args[0], args[1:]
+    script_args = args[1:]
     cfg = _site_config_for(script_args, _site_name_from_bootstrap())
     check_site_parallelism(cfg)
     if cfg.compute.gpus:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in cfg.compute.gpus))
     if cfg.compute.num_threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(cfg.compute.num_threads))
-    cmd = launch_argv(_resolve_script(script), script_args, cfg.compute.nproc)
+    cmd = launch_argv(CLIENT_MODULE, script_args, cfg.compute.nproc, module=True)
     print(
         f"synthbrain site {cfg.name}: {cfg.compute.nproc} training process(es): {shlex.join(cmd)}", flush=True
     )

@@ -1,9 +1,8 @@
 """Proof-of-concept deployment on one machine: prepare, start, submit, wait, stop (every process by PID).
 
 The POC workspace lives inside the project's ignored ``workspaces/`` folder (or wherever ``workspace``
-points), never in ``~/.nvflare``. :func:`prepare` writes a POC ``project.yml`` (server on ``localhost``
-at a free port, one client per site, the admin roles of ``site_configs/project.yml``) and runs
-``nvflare poc prepare -i`` on it. :func:`start` launches the server and every client from their own
+points), never in ``~/.nvflare``. :func:`prepare` writes the POC project definition ``poc/project.yml`` with
+the server's port (a free one on ``localhost``) and one client per site, and runs ``nvflare poc prepare -i`` on it. :func:`start` launches the server and every client from their own
 startup kits (``startup/sub_start.sh --once``, i.e. the real NVFlare entry points, each in its own
 process group) and records their PIDs in ``<workspace>/synthbrain_pids.json``; :func:`stop` ends those
 process groups (SIGTERM, then SIGKILL) and nothing else. Jobs go in through the admin's startup kit and
@@ -27,6 +26,8 @@ import yaml
 
 log = logging.getLogger(__name__)
 
+POC_PROJECT = Path("poc/project.yml")
+"""The POC project definition (relative to the synthbrain folder, as ``site_configs/project.yml``)."""
 PROJECT_NAME = "synthbrain_poc"
 ADMIN = "admin@nvidia.com"
 PID_FILE = "synthbrain_pids.json"
@@ -61,25 +62,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _project_yml(clients: list[str], port: int) -> dict[str, Any]:
-    return {
-        "api_version": 3,
-        "name": PROJECT_NAME,
-        "description": "synthbrain POC: server, sites and admins on this machine",
-        "participants": [
-            {"name": "server", "type": "server", "org": "synthbrain", "default_host": "localhost",
-             "fed_learn_port": port, "admin_port": port},
-            {"name": ADMIN, "type": "admin", "org": "synthbrain", "role": "project_admin"},
-            *({"name": c, "type": "client", "org": "synthbrain"} for c in clients),
-        ],
-        "builders": [
-            {"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder",
-             "args": {"template_file": ["master_template.yml"]}},
-            {"path": "nvflare.lighter.impl.static_file.StaticFileBuilder", "args": {"config_folder": "config"}},
-            {"path": "nvflare.lighter.impl.cert.CertBuilder"},
-            {"path": "nvflare.lighter.impl.signature.SignatureBuilder"},
-        ],
-    }  # fmt: skip
+def _project_yml(project: str | Path, clients: list[str], port: int) -> dict[str, Any]:
+    """The POC project definition ``project`` with the server's ``port`` and a client per site."""
+    proj = yaml.safe_load(Path(project).read_text())
+    server = next(p for p in proj["participants"] if p["type"] == "server")
+    server["fed_learn_port"] = server["admin_port"] = port
+    proj["participants"] += [{"name": c, "type": "client", "org": server["org"]} for c in clients]
+    return proj
 
 
 def _env(workspace: Path) -> dict[str, str]:
@@ -99,15 +88,17 @@ def admin_kit(workspace: str | Path) -> Path:
     return prod_dir(workspace) / ADMIN
 
 
-def prepare(workspace: str | Path, clients: list[str], port: int | None = None) -> Path:
-    """Provision a POC (server + ``clients`` + admin) in ``workspace``; returns the prod folder."""
+def prepare(
+    workspace: str | Path, clients: list[str], port: int | None = None, project: str | Path = POC_PROJECT
+) -> Path:
+    """Provision a POC (server + ``clients`` + admin of ``project``) in ``workspace``; returns the prod folder."""
     workspace = Path(workspace).resolve()
     if is_running(workspace):
         raise RuntimeError(f"a POC started from {workspace} is still running: stop it first")
     workspace.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     proj = workspace.parent / f"{workspace.name}_project.yml"
-    proj.write_text(yaml.safe_dump(_project_yml(list(clients), port), sort_keys=False))
+    proj.write_text(yaml.safe_dump(_project_yml(project, list(clients), port), sort_keys=False))
     cmd = [sys.executable, "-m", "nvflare.cli", "poc", "prepare", "-i", str(proj), "--force"]
     res = subprocess.run(
         cmd, env=_env(workspace), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300

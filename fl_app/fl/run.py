@@ -50,7 +50,7 @@ from fl_app.run_layout import RunLayout
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CLIENT_SCRIPTS",
+    "CLIENT_SCRIPT",
     "JobSpec",
     "SynthFedAvgRecipe",
     "add_fl_parser",
@@ -59,13 +59,8 @@ __all__ = [
     "run_job",
 ]
 
-_JOBS = Path(__file__).resolve().parents[2] / "jobs"
-"""``jobs/`` of the source tree: flat client entry points (``client_vqvae.py``, ``client_prior.py``)."""
-
-CLIENT_SCRIPTS = {
-    "vqvae": _JOBS / "client_vqvae.py",
-    "prior": _JOBS / "client_prior.py",
-}
+CLIENT_SCRIPT = Path(__file__).with_name("client.py")
+"""Both jobs' client: the installed module ``fl_app.fl.client`` (``python -m fl_app.fl.client vqvae|prior``)."""
 
 
 class SynthFedAvgRecipe(PTFedAvgRecipe):
@@ -115,7 +110,7 @@ class JobSpec:
         frozen_vqvae: prior job: server-side path of the first job's ``global_vqvae.pt``.
         site_config_dir: folder of ``<site>.yaml`` visible to the clients (simulator / POC); None =
             every client reads ``$SYNTHBRAIN_SITE_CONFIG`` (production).
-        local_epochs, max_steps, batch_size, lr: local work per round.
+        local_epochs, max_steps: local work per round (batch size, learning rate: the profile's ``train``).
         dp: the job is for sites running DP-SGD: the server refuses a VQ-VAE quantiser that is not DP-safe.
         dp_epsilon: target ε of this job at each site running local DP-SGD (the site's YAML decides
             whether DP is on, and its ``epsilon_budget`` caps the total; None: the site's ``job_epsilon``).
@@ -136,8 +131,6 @@ class JobSpec:
     site_config_dir: str | None = None
     local_epochs: int = 1
     max_steps: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
     seed: int = 0
     dp: bool = False
     dp_epsilon: float | None = None
@@ -146,8 +139,21 @@ class JobSpec:
     strategy_args: dict[str, Any] = field(default_factory=dict)
     name: str = ""
 
+    @classmethod
+    def for_run(cls, kind: str, server: RunLayout, **fields: Any) -> JobSpec:
+        """The ``kind`` job of the run whose server-side folders are ``server``: fields given None take their
+        default, ``checkpoint_dir`` / ``frozen_vqvae`` the run's; a target ``dp_epsilon`` implies ``dp``."""
+        fields = {k: v for k, v in fields.items() if v is not None}
+        fields.setdefault("checkpoint_dir", str(server.job_dir(kind)))
+        if kind == "prior":
+            fields.setdefault("frozen_vqvae", str(server.global_file("vqvae")))
+        spec = cls(kind=kind, name=f"synthbrain-{kind}", **fields)
+        spec.dp = spec.dp or spec.dp_epsilon is not None
+        return spec
+
     def train_args(self) -> str:
-        parts = [f"--local-epochs {self.local_epochs}", f"--seed {self.seed}", f"--rounds {self.num_rounds}"]
+        parts = [self.kind, f"--local-epochs {self.local_epochs}", f"--seed {self.seed}"]
+        parts.append(f"--rounds {self.num_rounds}")
         if self.dp_epsilon:
             parts.append(f"--dp-epsilon {self.dp_epsilon}")
         if self.run_name:
@@ -156,10 +162,6 @@ class JobSpec:
             parts.append(f"--site-config-dir {self.site_config_dir}")
         if self.max_steps:
             parts.append(f"--max-steps {self.max_steps}")
-        if self.batch_size:
-            parts.append(f"--batch-size {self.batch_size}")
-        if self.lr:
-            parts.append(f"--lr {self.lr}")
         return " ".join(parts)
 
 
@@ -171,8 +173,8 @@ def build_recipe(
     ``result_filters`` / ``data_filters``: NVFlare ``Filter`` objects added to every client for outgoing
     task results / incoming task data of the ``train`` task (e.g. :class:`fl_app.fl.leak_audit.ResultAuditFilter`).
     """
-    if spec.kind not in CLIENT_SCRIPTS:
-        raise ValueError(f"job kind must be one of {sorted(CLIENT_SCRIPTS)}, got {spec.kind!r}")
+    if spec.kind not in ("vqvae", "prior"):
+        raise ValueError(f"job kind must be vqvae or prior, got {spec.kind!r}")
     if spec.kind == "prior" and not spec.frozen_vqvae:
         raise ValueError("the prior job needs the global VQ-VAE of the vqvae job (frozen_vqvae)")
     persistor = SynthPersistor(
@@ -191,7 +193,7 @@ def build_recipe(
         server_memory_gc_rounds=spec.memory_gc_rounds,
         client_memory_gc_rounds=spec.memory_gc_rounds,
         num_rounds=spec.num_rounds,
-        train_script=str(CLIENT_SCRIPTS[spec.kind]),
+        train_script=str(CLIENT_SCRIPT),
         train_args=spec.train_args(),
         model_persistor=persistor,
         aggregator=SynthAggregator(spec.strategy_path, spec.strategy_args or None),
@@ -224,73 +226,37 @@ def run_job(
     env: str,
     run_dir: str | Path,
     *,
-    profile: dict[str, Any],
     clients: list[str],
-    num_rounds: int,
-    min_sites: int | None = None,
-    round_timeout: int = 60,
-    memory_gc_rounds: int = 0,
     site_config_dir: str | Path | None = None,
-    local_epochs: int = 1,
-    max_steps: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    seed: int = 0,
-    dp: bool = False,
-    dp_epsilon: float | None = None,
-    strategy_path: str | None = None,
-    strategy_args: dict[str, Any] | None = None,
     startup_kit: str | None = None,
     username: str = "admin@nvidia.com",
-    checkpoint_dir: str | None = None,
-    frozen_vqvae: str | None = None,
     poc_workspace: str | Path | None = None,
     keep_poc: bool = False,
     timeout: float = 3600.0,
     result_filters: list[Any] | None = None,
     data_filters: list[Any] | None = None,
+    **job: Any,
 ) -> dict[str, Any]:
     """Run one job to completion; returns ``{"job_id", "result", "checkpoint_dir", "seconds"}``.
+
+    ``job``: the :class:`JobSpec` fields (``profile``, ``num_rounds``, ``max_steps``, ...; see
+    :meth:`JobSpec.for_run`); the run, the sites and how to reach them are the other arguments.
 
     ``env``: ``"sim"`` (NVFlare simulator, in this process tree), ``"poc"`` (server + one client per site
     on this machine, each site's client reading its YAML from ``$SYNTHBRAIN_SITE_CONFIG``), or
     ``"prod"`` (submit through an admin startup kit; sites read their own ``$SYNTHBRAIN_SITE_CONFIG``).
 
     DP: ``dp_epsilon`` is the ε this job asks each site running local DP-SGD to spend (the sites' YAMLs
-    turn DP on and cap the total); it implies ``dp`` (a DP-safe VQ-VAE quantiser is required). Server-side DP-FedAvg is the
-    strategy ``fl_app.privacy.dp_fedavg.DPFedAvgStrategy``.
+    turn DP on and cap the total). Server-side DP-FedAvg is the strategy ``fl_app.privacy.dp_fedavg.DPFedAvgStrategy``.
     """
 
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     # prod: relative to the server's workspace (the admin's machine is not the server)
     server = RunLayout(run_dir) if env != "prod" else RunLayout.server(run_dir.name)
-    if checkpoint_dir is None:
-        checkpoint_dir = str(server.job_dir(kind))
-    if kind == "prior" and frozen_vqvae is None:
-        frozen_vqvae = str(server.global_file("vqvae"))
-    spec = JobSpec(
-        kind=kind,
-        profile=profile,
-        num_clients=len(clients),
-        num_rounds=num_rounds,
-        min_sites=min_sites,
-        round_timeout=round_timeout,
-        memory_gc_rounds=memory_gc_rounds,
-        checkpoint_dir=checkpoint_dir,
-        frozen_vqvae=frozen_vqvae or "",
-        site_config_dir=str(Path(site_config_dir).resolve()) if (site_config_dir and env == "sim") else None,
-        local_epochs=local_epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        dp=dp or dp_epsilon is not None,
-        dp_epsilon=dp_epsilon,
-        run_name=run_dir.name,
-        strategy_path=strategy_path or DEFAULT_STRATEGY,
-        strategy_args=strategy_args or {},
-        name=f"synthbrain-{kind}",
+    sim_configs = str(Path(site_config_dir).resolve()) if (site_config_dir and env == "sim") else None
+    spec = JobSpec.for_run(
+        kind, server, num_clients=len(clients), site_config_dir=sim_configs, run_name=run_dir.name, **job
     )
     recipe = build_recipe(spec, result_filters, data_filters)
     (RunLayout(run_dir).job_settings(kind)).write_text(
@@ -343,22 +309,31 @@ def run_job(
     else:
         raise ValueError(f"env must be sim, poc or prod, got {env!r}")
     seconds = time.perf_counter() - t0
-    out = {"job_id": job_id, "result": result, "checkpoint_dir": checkpoint_dir, "seconds": seconds}
+    out = {"job_id": job_id, "result": result, "checkpoint_dir": spec.checkpoint_dir, "seconds": seconds}
     if env != "prod":
         from fl_app.fl.server import read_checkpoint
 
-        ck = read_checkpoint(checkpoint_dir)
-        if ck is None or ck["round"] != num_rounds - 1:
+        ck = read_checkpoint(spec.checkpoint_dir)
+        if ck is None or ck["round"] != spec.num_rounds - 1:
             raise RuntimeError(
-                f"{kind} job did not complete its {num_rounds} rounds (checkpoint: {ck and ck['round']})"
+                f"{kind} job did not complete its {spec.num_rounds} rounds (checkpoint: {ck and ck['round']})"
             )
     return out
 
 
-def _profile_from_args(args: argparse.Namespace) -> dict[str, Any]:
+def _job_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`JobSpec` fields of ``fl run`` / ``fl export`` flags; ``--batch-size`` / ``--lr`` are
+    ``--set train.batch_size=`` / ``train.lr=`` (local work is the profile's, which travels with the model)."""
     from fl_app.config import parse_overrides
 
-    return load_profile(args.profile, parse_overrides(args.set)).model_dump(mode="json")
+    sugar = [f"train.{k}={v}" for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None]
+    return dict(
+        profile=load_profile(args.profile, parse_overrides([*(args.set or []), *sugar])).model_dump(mode="json"),
+        num_rounds=args.rounds, min_sites=args.min_sites, round_timeout=args.round_timeout,
+        memory_gc_rounds=args.memory_gc_rounds, local_epochs=args.local_epochs, max_steps=args.max_steps,
+        seed=args.seed, dp=args.dp_model, dp_epsilon=args.dp_epsilon, checkpoint_dir=args.checkpoint_dir,
+        frozen_vqvae=args.vqvae,
+    )  # fmt: skip
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -380,32 +355,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         strategy, strategy_args = dp_fedavg_strategy(args.dp_noise, args.dp_clip, args.dp_quantile)
     res = run_job(
-        args.job,
-        args.env,
-        run_dir,
-        profile=_profile_from_args(args),
-        clients=clients,
-        num_rounds=args.rounds,
-        min_sites=args.min_sites,
-        round_timeout=args.round_timeout,
-        memory_gc_rounds=args.memory_gc_rounds,
-        site_config_dir=args.site_config_dir,
-        local_epochs=args.local_epochs,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        dp=args.dp_model,
-        dp_epsilon=args.dp_epsilon,
-        strategy_path=strategy,
-        strategy_args=strategy_args,
-        startup_kit=args.startup_kit,
-        username=args.username,
-        checkpoint_dir=args.checkpoint_dir,
-        frozen_vqvae=args.vqvae,
-        keep_poc=args.keep_poc,
-        timeout=args.timeout,
-    )
+        args.job, args.env, run_dir, clients=clients, site_config_dir=args.site_config_dir,
+        startup_kit=args.startup_kit, username=args.username, keep_poc=args.keep_poc, timeout=args.timeout,
+        strategy_path=strategy, strategy_args=strategy_args, **_job_fields(args),
+    )  # fmt: skip
     print(f"{args.job} job done in {res['seconds']:.0f} s; results: {res['result']}")
     if args.env != "prod":
         from fl_app.global_model import write_global_model
@@ -422,27 +375,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-
-    spec = JobSpec(
-        kind=args.job,
-        profile=_profile_from_args(args),
-        num_clients=args.num_clients,
-        num_rounds=args.rounds,
-        min_sites=args.min_sites,
-        round_timeout=args.round_timeout,
-        memory_gc_rounds=args.memory_gc_rounds,
-        checkpoint_dir=args.checkpoint_dir or str(RunLayout.server(args.run).job_dir(args.job)),
-        frozen_vqvae=args.vqvae
-        or (str(RunLayout.server(args.run).global_file("vqvae")) if args.job == "prior" else ""),
-        local_epochs=args.local_epochs,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        dp=args.dp_model or args.dp_epsilon is not None,
-        dp_epsilon=args.dp_epsilon,
-        run_name=args.run,
-        name=f"synthbrain-{args.job}",
+    server = RunLayout.server(args.run)
+    spec = JobSpec.for_run(
+        args.job, server, num_clients=args.num_clients, run_name=args.run, **_job_fields(args)
     )
     build_recipe(spec).export(str(args.out))
     print(
@@ -459,7 +394,7 @@ def _cmd_poc(args: argparse.Namespace) -> int:
         list_site_configs(args.site_config_dir) if args.site_config_dir else ["site-1", "site-2"]
     )
     if args.action == "prepare":
-        print(f"POC prepared: {poc.prepare(ws, clients)}")
+        print(f"POC prepared: {poc.prepare(ws, clients, project=args.project)}")
     elif args.action == "start":
         site_env = {}
         if args.site_config_dir:
@@ -527,8 +462,8 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=None, help="cap on local steps per round")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="same as --set train.batch_size=B")
+    p.add_argument("--lr", type=float, default=None, help="same as --set train.lr=LR")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--dp-model",
@@ -575,6 +510,7 @@ def add_fl_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     pc.add_argument("--workspace", default="workspaces/poc/default")
     pc.add_argument("--clients", nargs="+", default=None)
     pc.add_argument("--site-config-dir", default=None)
+    pc.add_argument("--project", default="poc/project.yml", help="the POC project definition (prepare)")
     pc.set_defaults(func=_cmd_poc)
     pv = sub.add_parser("provision", help="startup kits for server, sites and admins from project.yml")
     pv.add_argument("--project", default="site_configs/project.yml")
