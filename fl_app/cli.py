@@ -156,7 +156,7 @@ COMMAND_MODULES: dict[str, tuple[str, str, str]] = {
         "train the public checkpoint (VQ-VAE, then prior) centrally on simulated or public data",
     ),
     "view": (
-        "fl_app.viewer.page",
+        "fl_app.view",
         "add_view_parser",
         "open a NIfTI file, BIDS subject or cohort in the offline 3D viewer",
     ),

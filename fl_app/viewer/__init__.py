@@ -12,7 +12,7 @@ other QC page, e.g. a site check's::
     entries = [ViewerEntry(s.participant_id, s.image, s.label, title, {"problem": ...}) for s in subjects]
     write_viewer_page(out / "site_check.html", entries, title="site check", intro_html=table_html)
 
-(:func:`entries_for_path` makes the entries of a NIfTI file, BIDS subject or BIDS dataset.)
+(:func:`fl_app.view.entries_for_path` makes the entries of a NIfTI file, BIDS subject or BIDS dataset.)
 """
 
 from fl_app.viewer.page import *  # noqa: F403 (the viewer's public names, listed once in page.__all__)
