@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: the local 2.13 CPU wheel; an open range would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	# editable install as a path entry (compat mode), not an import hook: an NVFlare job's custom/ folder holds a
+	# copy of fl_app/fl/client.py, and only a regular package on sys.path outranks that partial namespace copy
+	$(BIN)/python -m pip install -q -e ".[dev]" --config-settings editable_mode=compat
 	touch $(STAMP)
 
 setup: $(STAMP)
