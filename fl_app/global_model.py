@@ -21,16 +21,15 @@ Researchers load the bundle with MONAI's config machinery::
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fl_app import __version__
+from fl_app.data.nifti import file_sha256
 from fl_app.run_layout import JOBS, RunLayout
 
 if TYPE_CHECKING:
@@ -306,15 +305,6 @@ class GlobalModel:
         return max(vals) if vals else None
 
 
-def _sha256(paths: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 def load_global_model(
     model: str | Path | None = None,
     vqvae: str | Path | None = None,
@@ -370,7 +360,7 @@ def load_global_model(
         vqvae=vq,
         prior=pr,
         profile=vq_prof,
-        model_hash=_sha256([vq_path, pr_path]),
+        model_hash=file_sha256(vq_path, pr_path),
         epsilon=epsilon,
         paths={"vqvae": str(vq_path.resolve()), "prior": str(pr_path.resolve())},
     )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import shlex
 import shutil
@@ -25,19 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from fl_app import __version__
+from fl_app.data.nifti import file_sha256
 
-__all__ = ["PRETRAIN_SEED", "add_pretrain_parser", "run_pretrain", "sha256_file"]
+__all__ = ["PRETRAIN_SEED", "add_pretrain_parser", "run_pretrain"]
 
 # Simulated-data seed reserved for the public checkpoint: demo, benches and tests use seeds below 2000.
 PRETRAIN_SEED = 7000
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _stage_args(add_parser: Any, argv: list[str]) -> argparse.Namespace:
@@ -150,7 +142,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
             "differential_privacy": False,
             "patient_data": "none (simulated subjects)" if not args.bids else "the public folders under data",
         },
-        "weights_sha256": {name: sha256_file(gdir / name) for name in ("vqvae.pt", "prior.pt")},
+        "weights_sha256": {name: file_sha256(gdir / name) for name in ("vqvae.pt", "prior.pt")},
     }
     (gdir / "model_card.json").write_text(json.dumps(card, indent=2, default=float))
     print(f"wrote {gdir} (VQ-VAE {card['vqvae']['steps']} steps, prior {card['prior']['steps']} steps)")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 from fl_app.cli import main
+from fl_app.data.nifti import file_sha256
 from fl_app.global_model import load_global_model
-from fl_app.pretrain import PRETRAIN_SEED, sha256_file
+from fl_app.pretrain import PRETRAIN_SEED
 
 
 def test_pretrain_writes_a_global_model_with_a_verifiable_card(tmp_path) -> None:
@@ -47,7 +48,7 @@ def test_pretrain_writes_a_global_model_with_a_verifiable_card(tmp_path) -> None
     assert card["vqvae"]["n_train"] + card["vqvae"]["n_val"] == 5
     assert "psnr_db" in card["vqvae"]["held_out"] and "bits_per_code" in card["prior"]["held_out"]
     for name, digest in card["weights_sha256"].items():
-        assert sha256_file(gdir / name) == digest
+        assert file_sha256(gdir / name) == digest
     assert card["wall_seconds"]["total"] >= card["wall_seconds"]["vqvae"] > 0
     gm = load_global_model(gdir, device="cpu")  # the sampler's loader accepts it as a global model
     assert tuple(gm.prior.code_shape) == (8, 8, 8)

@@ -40,7 +40,15 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from fl_app.data.nifti import NiftiError, Problem, Volume, read_volume, save_nifti, to_canonical
+from fl_app.data.nifti import (
+    NiftiError,
+    Problem,
+    Volume,
+    file_sha256,
+    read_volume,
+    save_nifti,
+    to_canonical,
+)
 
 ANATOMY_VERSION = "1"
 
@@ -260,15 +268,6 @@ def derive_anatomy(image: Volume) -> Anatomy:
 # --------------------------------------------------------------------------------------------------
 
 
-def content_hash(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass
 class DerivedLabels:
     """A cached anatomy result: ``label`` is the NIfTI in the cache (None when the subject failed)."""
@@ -306,7 +305,7 @@ class AnatomyCache:
         st = os.stat(p)
         ident = (str(p.resolve()), st.st_size, st.st_mtime_ns)
         if ident not in self._hashes:
-            self._hashes[ident] = content_hash(p)
+            self._hashes[ident] = file_sha256(p)
         return hashlib.sha256(f"{ANATOMY_VERSION}:{self._hashes[ident]}".encode()).hexdigest()[:32]
 
     def paths(self, image_path: str | Path) -> tuple[Path, Path]:

@@ -12,6 +12,7 @@ Nothing here writes to disk.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -188,3 +189,13 @@ def to_canonical(vol: Volume) -> Volume:
         dtype=vol.dtype,
         path=vol.path,
     )
+
+
+def file_sha256(*paths: str | Path) -> str:
+    """SHA-256 (hex) of the bytes of ``paths``, read in order (one file: that file's usual checksum)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

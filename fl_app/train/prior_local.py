@@ -43,6 +43,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from fl_app.config import Profile, TrainSection, profile_to_yaml
 from fl_app.data.covariates import UNKNOWN_DIAGNOSIS, UNKNOWN_SEX
+from fl_app.data.nifti import file_sha256
 from fl_app.models.prior import ConditionalPrior, build_prior, save_prior, unwrap_prior
 from fl_app.train import distributed as D
 from fl_app.train.common import (
@@ -306,14 +307,6 @@ def evaluate_prior(
 # --------------------------------------------------------------------------- encoding a site
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _stamp(path: Path | None) -> list[Any]:
     if path is None:
         return [None]
@@ -424,7 +417,7 @@ def run_train_local_prior(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache_root = Path(args.code_cache) if args.code_cache else out / "code_cache"
-    vq_key = _file_digest(vq_path)[:16]
+    vq_key = file_sha256(vq_path)[:16]
 
     parts: list[CodeDataset] = []
     for bids in args.bids:
