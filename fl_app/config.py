@@ -147,6 +147,11 @@ class VQVAESection(_Strict):
     grad_clip_norm: float | None = Field(
         1.0, gt=0.0, description="Clip the batch gradient norm (non-DP; DP-SGD clips per sample)."
     )
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="After the warm-up: a constant rate, or a half cosine down to 10 % of it over a run's "
+        "step budget (--max-steps; central runs such as pretrain; federated rounds stay constant).",
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     checkpointing: bool = Field(False, description="Activation checkpointing (saves GPU memory).")
     recon_loss: Literal["l1", "l2", "l1+l2"] = Field("l1+l2", description="Image reconstruction loss.")

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 
+import pytest
 import torch
 
 from fl_app.config import parse_overrides, profile_from_dict
@@ -210,3 +211,24 @@ def test_warmup_runs_once_over_the_optimisers_life() -> None:
     lrs = _record_lrs(fresh)
     train_vqvae_local(model, loader, p, optimizer=fresh, epochs=1)
     assert lrs == [2.5e-3, 5e-3, 7.5e-3]
+
+
+def test_cosine_schedule_decays_over_the_step_budget() -> None:
+    """``vqvae.lr_schedule: cosine`` warms up, then lowers the rate along a half cosine to 10 % at the run's
+    last step (--max-steps), and leaves the optimiser's base rate in place afterwards."""
+    torch.manual_seed(0)
+    p = tiny_profile(quantiser="loss", warmup_steps=2, lr_schedule="cosine")
+    model = build_vqvae(p)
+    loader = make_vqvae_loader(blobs(6), 2, shuffle=False)
+    opt = make_optimizer(model, p, lr=1e-2)
+    lrs = _record_lrs(opt)
+    train_vqvae_local(model, loader, p, optimizer=opt, max_steps=5)
+    cos = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / 5)) for i in range(5)]
+    expected = [1e-2 * c * w for c, w in zip(cos, [0.5, 1, 1, 1, 1], strict=True)]
+    assert lrs == [pytest.approx(e, rel=1e-9) for e in expected]
+    assert lrs[-1] < 0.25e-2 and opt.param_groups[0]["lr"] == 1e-2
+    constant = tiny_profile(quantiser="loss", warmup_steps=2)  # the default keeps federated rounds flat
+    opt = make_optimizer(model, constant, lr=1e-2)
+    lrs = _record_lrs(opt)
+    train_vqvae_local(model, loader, constant, optimizer=opt, max_steps=4)
+    assert lrs == [5e-3, 1e-2, 1e-2, 1e-2]

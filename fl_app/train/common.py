@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import resource
 import sys
@@ -109,6 +110,8 @@ def train_loop(
     amp: str | bool,
     grad_clip: float | None,
     warmup_steps: int | None = None,
+    decay_steps: int | None = None,
+    min_lr_frac: float = 0.1,
     name: str = "train",
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
@@ -120,7 +123,9 @@ def train_loop(
     noise-only DP-SGD step under DP, so the number of released steps does not depend on the data; under
     DDP every rank skips a batch that is empty on any rank, and a time budget stops all ranks together.
     ``warmup_steps`` (None: no warm-up clock) ramps the learning rate linearly over the optimiser's first
-    steps, counted across calls in its first param group (``WARMUP_KEY``).
+    steps, counted across calls in its first param group (``WARMUP_KEY``). ``decay_steps`` (None: a
+    constant rate) then lowers it along a half cosine to ``min_lr_frac`` of the base rate at this call's
+    ``decay_steps``-th step (a central run with a known step budget; federated rounds keep a constant rate).
 
     Returns ``{"epochs", "final", "steps", "train_seconds", "samples", "empty_batches", "dp", "world_size"}``
     (``samples`` and ``train_seconds`` are the site's: summed / averaged over ranks).
@@ -137,8 +142,13 @@ def train_loop(
     def set_lr(step_idx: int) -> None:
         # linear warm-up over the optimiser's first steps: Adam's fresh moment estimates make the first
         # full-size steps unstable; later calls with the same optimiser (federated rounds) skip it
+        frac = 1.0
         if warmup_steps:
             frac = min(1.0, (steps_before + step_idx + 1) / warmup_steps)
+        if decay_steps:
+            t = min(1.0, step_idx / decay_steps)
+            frac *= min_lr_frac + (1.0 - min_lr_frac) * 0.5 * (1.0 + math.cos(math.pi * t))
+        if warmup_steps or decay_steps:
             for g, lr0 in zip(optimizer.param_groups, base_lrs, strict=True):
                 g["lr"] = lr0 * frac
 

@@ -271,7 +271,8 @@ def train_vqvae_local(
         res = train_loop(
             model, train_loader, optimizer, step, device=dev, epochs=epochs, max_steps=max_steps,
             max_seconds=max_seconds, amp=amp, grad_clip=vq.grad_clip_norm, warmup_steps=vq.warmup_steps,
-            name="vqvae", on_epoch_end=on_epoch_end,
+            decay_steps=max_steps if vq.lr_schedule == "cosine" else None, name="vqvae",
+            on_epoch_end=on_epoch_end,
         )  # fmt: skip
     finally:
         if ema_sync is not None:
