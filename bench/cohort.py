@@ -12,9 +12,12 @@ or ``--model``/``--reference`` explicitly, it
 
 Prints one JSON document (``--json OUT`` also writes it) with the issue's targets::
 
-    btf_slope_error_pct_vs_law   ≤ 30 (goal 20)
-    ms_ssim_gap                  ≤ 0.1 (|synthetic − real-vs-real|)
-    audit_flagged                = 0
+    btf_slope_error_pct_vs_law             ≤ 30 (goal 20)
+    btf_intensity_slope_error_pct_vs_law   ≤ 30 (the slope from intensities alone)
+    btf_ad_minus_cn_error_pct_vs_law       ≤ 30 (AD − CN brain-tissue fraction at 75)
+    icv_ratio_error_vs_law                 ≤ 0.05 (male / female intracranial volume, law ≈ 1.11)
+    ms_ssim_gap                            ≤ 0.1 (|synthetic − real-vs-real|)
+    audit_flagged                          = 0
     volumes_per_s                (CPU)
 
 Run ``python bench/cohort.py --run runs/demo --json bench_cohort.json`` after ``synthbrain demo``.
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=24, help="synthetic subjects")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (1 = none)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--pairs", type=int, default=30)
     ap.add_argument("--work", default=None, help="scratch dir (default RUN/bench_cohort)")
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(n)
     ]
     res = sample_cohort(gm, rows, cohort, seed=args.seed, chunk_size=args.batch_size, progress=False,
-                        device=args.device)  # fmt: skip
+                        device=args.device, temperature=args.temperature, guidance=args.guidance)  # fmt: skip
 
     t = time.perf_counter()
     synth = load_cohort_subjects(cohort)
@@ -120,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate_seconds": eval_s,
         "audit_seconds": audit_s,
         "train_seconds": train_s,
+        "temperature": args.temperature,
+        "guidance": args.guidance,
         **{k: v for k, v in s.items() if k not in ("n_synthetic", "n_reference")},
         "audit_flagged": audit["n_flagged"],
         "audit_min_distance_over_threshold": audit["min_distance_over_threshold"],
@@ -128,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
             "btf_slope_error_pct_vs_law<=20 (goal)": bool(slope_err <= 20.0),
             "ms_ssim_gap<=0.1": bool(s.get("ms_ssim_gap", math.inf) <= 0.1),
             "audit_flagged==0": audit["n_flagged"] == 0,
+            "btf_intensity_slope_error_pct_vs_law<=30": bool(
+                s.get("btf_intensity_slope_error_pct_vs_law", math.inf) <= 30.0
+            ),
+            "btf_ad_minus_cn_error_pct_vs_law<=30": bool(
+                s.get("btf_ad_minus_cn_error_pct_vs_law", math.inf) <= 30.0
+            ),
+            "icv_ratio_error_vs_law<=0.05": bool(s.get("icv_ratio_error_vs_law", math.inf) <= 0.05),
         },
     }
     out = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}

@@ -117,3 +117,27 @@ def test_mmd_and_features():
     f = feature_vector(img, lab, VOX)
     assert f.shape == (len(FEATURE_NAMES),) and np.isfinite(f).all()
     assert f[FEATURE_NAMES.index("btf_intensity")] == pytest.approx(0.75, abs=0.03)
+
+
+def test_group_contrasts_recover_known_effects():
+    """AD − CN BTF at 75 (each group's own age line) and the male / female ICV ratio are read from the
+    measures; the law's values are the simulator's (−0.027 and 1480 / 1330)."""
+    from fl_app.evaluate.fidelity import _law_contrasts, group_contrasts
+
+    ages = np.array([60.0, 70.0, 80.0, 90.0] * 2 + [70.0, 75.0])
+    dxs = ["CN"] * 4 + ["AD"] * 4 + ["MCI", "MCI"]
+    sexes = ["F", "M"] * 5
+    btf = np.where(np.array(dxs) == "AD", 0.80 - 0.004 * (ages - 60), 0.82 - 0.002 * (ages - 60))
+    icv = np.where(np.array(sexes) == "M", 1500.0, 1250.0)
+    s = Subjects(np.zeros((10, 1, 1, 1)), np.zeros((10, 1, 1, 1)), ages, sexes, dxs, VOX)
+    c = group_contrasts(s, {"btf": btf, "icv_ml": icv})
+    assert c["btf_ad_minus_cn_at_75"] == pytest.approx((0.80 - 0.06) - (0.82 - 0.03))
+    assert c["icv_male_female_ratio"] == pytest.approx(1.2)
+    law = _law_contrasts()
+    at75 = {d: generating_law(75.0, "F", d)["brain_tissue_fraction"] for d in ("AD", "CN")}
+    assert law["btf_ad_minus_cn_at_75"] == pytest.approx(at75["AD"] - at75["CN"]) and law[
+        "btf_ad_minus_cn_at_75"
+    ] == pytest.approx(-0.02 - 0.0018 * 30)
+    assert law["icv_male_female_ratio"] == pytest.approx(1480 / 1330)
+    few = Subjects(s.images[:5], s.labels[:5], ages[:5], sexes[:5], dxs[:5], VOX)  # one AD subject
+    assert math.isnan(group_contrasts(few, {"btf": btf[:5], "icv_ml": icv[:5]})["btf_ad_minus_cn_at_75"])

@@ -211,3 +211,22 @@ def test_bfloat16_copy_keeps_the_age_embedding_in_float32():
     assert got.dtype == torch.float32 and torch.allclose(got, ref, rtol=1e-2, atol=1e-2)
     with pytest.raises(ValueError, match="precision"):
         sample(m, 1, progress=False, precision="float16")
+
+
+@pytest.mark.parametrize("attention", ["softmax", "linear"])
+def test_classifier_free_guidance(attention):
+    """Guidance w draws from l_u + w·(l_c − l_u): w = 0 is exactly unconditional sampling (same draws),
+    greedy decoding with w = 2 follows the extrapolated logits token by token, on both back ends and the
+    recompute path alike."""
+    m = _model(attention)
+    plain_uncond = sample(m, 3, None, seed=5, progress=False)
+    assert torch.equal(sample(m, 3, COND, seed=5, progress=False, guidance=0.0), plain_uncond)
+    assert not torch.equal(sample(m, 3, COND, seed=5, progress=False), plain_uncond)
+    g = sample(m, 3, COND, temperature=0.0, progress=False, guidance=2.0)
+    assert torch.equal(g, sample(m, 3, COND, temperature=0.0, progress=False, guidance=2.0, use_cache=False))
+    seq = m.grid_to_sequence(g)
+    lc = m(seq[:, :-1], COND["age"], COND["sex"], COND["diagnosis"])
+    unknown = make_condition(3)
+    lu = m(seq[:, :-1], unknown["age"], unknown["sex"], unknown["diagnosis"])
+    assert torch.equal((lu + 2.0 * (lc - lu)).argmax(-1), seq)
+    assert not torch.equal(g, sample(m, 3, COND, temperature=0.0, progress=False))  # it changed the draw

@@ -278,6 +278,43 @@ def mmd_vs_floor(synth: np.ndarray, real: np.ndarray, n_splits: int = 20, seed: 
     }
 
 
+def group_contrasts(s: Subjects, m: dict[str, np.ndarray], at_age: float = 75.0) -> dict[str, float]:
+    """Covariate effects that do not show in an age slope.
+
+    ``btf_ad_minus_cn_at_75``: AD minus CN brain-tissue fraction at ``at_age``, each from its own OLS line of
+    BTF on age (needs 3 subjects with varying ages per group, else NaN); ``icv_male_female_ratio``: mean
+    intracranial volume of men over that of women (label count × voxel volume).
+    """
+    ages = np.asarray(s.ages, dtype=np.float64)
+
+    def at(dx: str) -> float:
+        sel = np.array([d == dx for d in s.diagnoses]) & np.isfinite(ages) & np.isfinite(m["btf"])
+        if sel.sum() < 3 or np.var(ages[sel]) <= 1e-12:
+            return math.nan
+        slope, icpt = np.polyfit(ages[sel], m["btf"][sel], 1)
+        return float(slope * at_age + icpt)
+
+    def icv(sex: str) -> float:
+        sel = np.array([x == sex for x in s.sexes]) & np.isfinite(m["icv_ml"])
+        return float(m["icv_ml"][sel].mean()) if sel.any() else math.nan
+
+    return {"btf_ad_minus_cn_at_75": at("AD") - at("CN"), "icv_male_female_ratio": icv("M") / icv("F")}
+
+
+def _law_contrasts(at_age: float = 75.0) -> dict[str, float]:
+    from fl_app.data.simulate import generating_law
+
+    def law(sex: str, dx: str) -> dict[str, float]:
+        return generating_law(at_age, sex, dx)
+
+    return {
+        "btf_ad_minus_cn_at_75": law("F", "AD")["brain_tissue_fraction"]
+        - law("F", "CN")["brain_tissue_fraction"],
+        "icv_male_female_ratio": law("M", "CN")["intracranial_volume_ml"]
+        / law("F", "CN")["intracranial_volume_ml"],
+    }
+
+
 def _law_values(s: Subjects, key: str) -> np.ndarray | None:
     try:
         from fl_app.data.simulate import generating_law
@@ -348,6 +385,23 @@ def evaluate(
         summary["btf_intensity_slope_error_pct_vs_law"] = fid["btf_intensity"]["slope_error_pct_vs_law"]
     if "slope_error_pct_vs_reference" in fid["csf_ml"]:
         summary["csf_ml_slope_error_pct_vs_reference"] = fid["csf_ml"]["slope_error_pct_vs_reference"]
+    contrasts = {"synthetic": group_contrasts(synth, ms)}
+    if mr is not None and reference is not None:
+        contrasts["reference"] = group_contrasts(reference, mr)
+    if simulated:
+        contrasts["law"] = _law_contrasts()
+    res["contrasts"] = contrasts
+    for key, value in contrasts["synthetic"].items():
+        summary[f"{key}_synthetic"] = value
+        for against in ("reference", "law"):
+            if against in contrasts:
+                summary[f"{key}_{against}"] = contrasts[against][key]
+    if "law" in contrasts:
+        c, law = contrasts["synthetic"], contrasts["law"]
+        summary["btf_ad_minus_cn_error_pct_vs_law"] = slope_error_pct(
+            c["btf_ad_minus_cn_at_75"], law["btf_ad_minus_cn_at_75"]
+        )
+        summary["icv_ratio_error_vs_law"] = abs(c["icv_male_female_ratio"] - law["icv_male_female_ratio"])
     ss = pairwise_ms_ssim(synth.images, n_pairs, seed)
     res["ms_ssim"] = {"synthetic": ss}
     summary["ms_ssim_synthetic"] = ss["mean"]

@@ -156,11 +156,13 @@ def sample_cohort(
     progress: bool = True,
     device: str | torch.device | None = None,
     precision: str = "float32",
+    guidance: float = 1.0,
 ) -> dict[str, Any]:
     """Sample and write the cohort ``rows`` under ``out`` (see the module docstring).
 
     ``precision``: the prior's sampling precision (``"float32"`` or ``"bfloat16"``, see
-    :func:`fl_app.generate.sampler.sample`); part of the cohort's settings like the seed.
+    :func:`fl_app.generate.sampler.sample`); part of the cohort's settings like the seed, as is
+    ``guidance`` (the classifier-free guidance weight; 1 = none).
 
     Returns ``{"written": n newly written, "skipped": n already there, "withheld": n, "seconds": s,
     "volumes_per_s": newly written / s}``. Raises ``ValueError`` if ``out`` holds a cohort sampled
@@ -183,13 +185,15 @@ def sample_cohort(
         "top_k": top_k,
         "top_p": top_p,
         "precision": precision,
+        "guidance": float(guidance),
         "device_type": dev.type,
         "subjects": [asdict(r) for r in rows],
     }
     sfile = out / SAMPLING_FILE
     if sfile.is_file():
         old = json.loads(sfile.read_text())
-        old.setdefault("precision", "float32")  # cohorts written before the option existed
+        old.setdefault("precision", "float32")  # cohorts written before the options existed
+        old.setdefault("guidance", 1.0)
         diff = [k for k in settings if k not in ("synthbrain_version",) and old.get(k) != settings[k]]
         if diff:
             raise ValueError(
@@ -228,6 +232,7 @@ def sample_cohort(
                 progress=False,
                 device=dev,
                 precision=precision,
+                guidance=guidance,
             )
             image, logits = decode(gm.vqvae, codes.to(dev))
             image = image.float().cpu().numpy()
@@ -244,6 +249,7 @@ def sample_cohort(
                     "Temperature": float(temperature),
                     "TopK": top_k,
                     "TopP": top_p,
+                    "Guidance": float(guidance),
                     "Covariates": {"age": r.age, "sex": r.sex, "diagnosis": r.diagnosis},
                     "ModelSha256": gm.model_hash,
                 }
@@ -303,6 +309,7 @@ def _run_sample(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             device=args.device,
             precision=args.precision,
+            guidance=args.guidance,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -350,6 +357,13 @@ def add_sample_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance weight: 1 = plain conditional sampling, >1 follows the covariates "
+        "more strongly (twice the sampling work)",
+    )
     p.add_argument(
         "--batch-size",
         type=int,

@@ -144,6 +144,7 @@ def sample(
     device: str | torch.device | None = None,
     use_cache: bool = True,
     precision: str = "float32",
+    guidance: float = 1.0,
 ) -> torch.Tensor:
     """Sample ``n`` code grids.
 
@@ -163,6 +164,7 @@ def sample(
         device: where to run (default: the model's device).
         use_cache: False = recompute the whole sequence for every token (reference path).
         precision: ``"float32"`` or ``"bfloat16"`` (a bfloat16 copy of the model; see the module docstring).
+        guidance: classifier-free guidance weight (1 = none; see the module docstring).
 
     Returns:
         LongTensor (n, cx, cy, cz) on the CPU, codes in [0, V).
@@ -186,6 +188,7 @@ def sample(
     sex = _cond_tensor(cond, "sex", n)
     dx = _cond_tensor(cond, "diagnosis", n)
     bs = n if not batch_size else int(batch_size)
+    guided = float(guidance) != 1.0
     seq_len = model.seq_len
     was_training = model.training
     model.to(dev).eval()
@@ -196,17 +199,28 @@ def sample(
             sl = slice(s, min(s + bs, n))
             a, x, d = age[sl].to(dev), sex[sl].to(dev), dx[sl].to(dev)
             b = a.shape[0]
-            tokens = torch.empty(b, seq_len, dtype=torch.long, device=dev)
+            if guided:  # rows b.. are the same sequences with every covariate unknown
+                a = torch.cat([a, torch.full_like(a, math.nan)])
+                x = torch.cat([x, torch.full_like(x, UNKNOWN_SEX)])
+                d = torch.cat([d, torch.full_like(d, UNKNOWN_DIAGNOSIS)])
+            rows = a.shape[0]
+            tokens = torch.empty(rows, seq_len, dtype=torch.long, device=dev)
             if use_cache:
-                state = model.new_state(b, dev)
+                state = model.new_state(rows, dev)
                 logits = model.prefill(a, x, d, state)
             for i in range(seq_len):
                 if not use_cache:
                     logits = model(tokens[:, :i], a, x, d)[:, -1]
-                tokens[:, i] = sample_next(logits, temperature, top_k, top_p, generator)
+                if guided:
+                    lc, lu = logits[:b].float(), logits[b:].float()
+                    nxt = sample_next(lu + guidance * (lc - lu), temperature, top_k, top_p, generator)
+                    tokens[:, i] = torch.cat([nxt, nxt])
+                else:
+                    tokens[:, i] = sample_next(logits, temperature, top_k, top_p, generator)
                 if use_cache and i < seq_len - 1:
                     logits = model.step(tokens[:, i], state)
                 bar.update(b)
+            tokens = tokens[:b]
             out.append(model.sequence_to_grid(tokens).cpu())
     finally:
         bar.close()
