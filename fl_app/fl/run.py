@@ -111,6 +111,8 @@ class JobSpec:
         site_config_dir: folder of ``<site>.yaml`` visible to the clients (simulator / POC); None =
             every client reads ``$SYNTHBRAIN_SITE_CONFIG`` (production).
         local_epochs, max_steps: local work per round (batch size, learning rate: the profile's ``train``).
+        planned_rounds: the rounds the sites plan their DP noise for when a job is run a few rounds at a
+            time, each submission resuming the last (``synthbrain tune --env sim``); None: ``num_rounds``.
         dp: the job is for sites running DP-SGD: the server refuses a VQ-VAE quantiser that is not DP-safe.
         dp_epsilon: target ε of this job at each site running local DP-SGD (the site's YAML decides
             whether DP is on, and its ``epsilon_budget`` caps the total; None: the site's ``job_epsilon``).
@@ -131,6 +133,7 @@ class JobSpec:
     site_config_dir: str | None = None
     local_epochs: int = 1
     max_steps: int | None = None
+    planned_rounds: int | None = None
     seed: int = 0
     dp: bool = False
     dp_epsilon: float | None = None
@@ -153,7 +156,7 @@ class JobSpec:
 
     def train_args(self) -> str:
         parts = [self.kind, f"--local-epochs {self.local_epochs}", f"--seed {self.seed}"]
-        parts.append(f"--rounds {self.num_rounds}")
+        parts.append(f"--rounds {self.planned_rounds or self.num_rounds}")
         if self.dp_epsilon:
             parts.append(f"--dp-epsilon {self.dp_epsilon}")
         if self.run_name:
