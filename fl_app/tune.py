@@ -720,6 +720,10 @@ def _figures(study: Any, objectives: list[str]) -> list[tuple[str, Any]]:
     return figs
 
 
+def _fmt_param(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else json.dumps(v)
+
+
 def _write_html(study: Any, summary: dict[str, Any], objectives: list[str], path: Path) -> None:
     """One self-contained page: plotly.js inline (no network), Optuna's plots and the trials table."""
     esc = html.escape
@@ -745,7 +749,7 @@ def _write_html(study: Any, summary: dict[str, Any], objectives: list[str], path
             f"<p><b>Best: trial {b['number']}</b> "
             + ", ".join(f"{esc(k)} = {v:.4f}" for k, v in b["values"].items())
             + " with "
-            + ", ".join(f"<code>{esc(k)}={esc(json.dumps(v))}</code>" for k, v in b["params"].items())
+            + ", ".join(f"<code>{esc(k)}={esc(_fmt_param(v))}</code>" for k, v in b["params"].items())
             + " (written to <code>best.yaml</code>)."
         )
         if "best_minus_baseline" in summary:
@@ -772,7 +776,7 @@ def _write_html(study: Any, summary: dict[str, Any], objectives: list[str], path
             str(r["number"]) + (" (baseline)" if r["baseline"] else ""),
             r["state"].lower(),
             *[f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else "" for v in vals],
-            *[json.dumps(r["params"].get(k)) if k in r["params"] else "" for k in keys],
+            *[_fmt_param(r["params"][k]) if k in r["params"] else "" for k in keys],
             str(r["rounds_run"]),
             f"{r['seconds']:.0f}" if r["seconds"] is not None else "",
         ]
