@@ -228,3 +228,47 @@ def test_prior_study_minimises_held_out_bits(tmp_path: Path) -> None:
         "bits_per_code" in t.user_attrs["held_out"] for t in study.trials if t.state.name == "COMPLETE"
     )
     assert "prior" in yaml.safe_load((out / "best.yaml").read_text())
+
+
+def test_ctrl_c_mid_trial_then_the_same_command_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fl_app.tune as tune
+
+    real = tune._Evaluator.__call__
+    calls = {"n": 0}
+
+    def interrupt_second(self: tune._Evaluator, state: dict) -> dict[str, float]:
+        calls["n"] += 1
+        if calls["n"] == 2:  # Ctrl-C during the second trial
+            raise KeyboardInterrupt
+        return real(self, state)
+
+    monkeypatch.setattr(tune._Evaluator, "__call__", interrupt_second)
+    space = _space(tmp_path, "vqvae.lr: {low: 0.001, high: 0.01, log: true}\n")
+    out = tmp_path / "c"
+    assert _tune(out, space, "--trials", "3") == 130
+    assert [t.state.name for t in _load(out).trials] == ["COMPLETE", "FAIL"]
+    assert (out / "best.yaml").is_file()  # the outputs of what finished are written all the same
+    monkeypatch.setattr(tune._Evaluator, "__call__", real)
+    assert _tune(out, space, "--trials", "3") == 0
+    states = [t.state.name for t in _load(out).trials]
+    assert states[:2] == ["COMPLETE", "FAIL"] and len(states) == 4  # the failed trial is run again
+    assert sum(s in ("COMPLETE", "PRUNED") for s in states) == 3
+
+
+@pytest.mark.slow
+def test_env_sim_runs_each_trial_as_an_nvflare_simulator_job(tmp_path: Path) -> None:
+    space = _space(tmp_path, "vqvae.lr: {low: 0.001, high: 0.01, log: true}\n")
+    out = tmp_path / "sim"
+    assert _tune(out, space, "--trials", "1", "--env", "sim") == 0
+    (trial,) = _load(out).trials
+    assert trial.state.name == "COMPLETE" and "psnr_db" in trial.user_attrs["round_0"]
+    from fl_app.fl.server import read_checkpoint
+
+    ck = read_checkpoint(out / "trials" / "trial-0000" / "fl" / "vqvae")  # the simulator job's own checkpoint
+    assert ck is not None and ck["round"] == 0
+    settings = json.loads((out / "trials" / "trial-0000" / "job_vqvae.json").read_text())
+    assert settings["env"] == "sim" and settings["profile"]["vqvae"]["lr"] == pytest.approx(
+        trial.params["vqvae.lr"]
+    )
