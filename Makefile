@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	# editable install as a path entry (compat mode), not an import hook: an NVFlare job's custom/ folder holds a
 	# copy of fl_app/fl/client.py, and only a regular package on sys.path outranks that partial namespace copy
-	$(BIN)/python -m pip install -q -e ".[dev]" --config-settings editable_mode=compat
+	$(BIN)/python -m pip install -q -e ".[dev,tune]" --config-settings editable_mode=compat
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -69,17 +69,18 @@ def _fed_train(
     seed: int,
     global_state: dict[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """FedAvg / DP-SGD / DP-FedAvg for one model kind; returns (final global state, accounting)."""
-    import numpy as np
+    """FedAvg / DP-SGD / DP-FedAvg for one model kind (:func:`fl_app.fl.inprocess.federate`); returns
+    (final global state, accounting)."""
     from opacus import PrivacyEngine
 
-    from fl_app.models.prior import build_prior, unwrap_prior
-    from fl_app.models.vqvae import build_vqvae, unwrap
+    from fl_app.fl.inprocess import LocalSite, federate
+    from fl_app.models.prior import build_prior
+    from fl_app.models.vqvae import build_vqvae
     from fl_app.privacy.accountant import epsilon_from_history, noise_multiplier_for
-    from fl_app.privacy.aggregation import ClientUpdate, FedAvgStrategy
+    from fl_app.privacy.aggregation import FedAvgStrategy
     from fl_app.privacy.dp_fedavg import DPFedAvgStrategy
-    from fl_app.train.prior_local import make_prior_loader, make_prior_optimizer, train_prior_local
-    from fl_app.train.vqvae_local import make_optimizer, make_vqvae_loader, train_vqvae_local
+    from fl_app.train.prior_local import make_prior_loader, make_prior_optimizer
+    from fl_app.train.vqvae_local import make_optimizer, make_vqvae_loader
 
     bs = prof.train.batch_size
     if setting["kind"] == "dp_fedavg":
@@ -107,26 +108,11 @@ def _fed_train(
                 max_grad_norm=setting["clip"], poisson_sampling=True,
             )  # fmt: skip
         clients.append({"model": model, "opt": opt, "loader": loader, "sigma": sigma, "q": 1.0 / len(loader)})
-    state = {k: v.clone() for k, v in global_state.items()}
-    steps_taken = [0] * len(clients)
-    for rnd in range(rounds):
-        updates = []
-        for i, c in enumerate(clients):
-            net = unwrap(c["model"]) if kind == "vqvae" else unwrap_prior(c["model"])
-            net.load_state_dict(state)
-            if kind == "vqvae":
-                res = train_vqvae_local(c["model"], c["loader"], prof, optimizer=c["opt"], max_steps=steps,
-                                        seed=seed + rnd)  # fmt: skip
-                n = res["train_volumes"]
-            else:
-                res = train_prior_local(c["model"], c["loader"], prof, optimizer=c["opt"], max_steps=steps)
-                n = res.get("train_sequences", 1)
-            steps_taken[i] += int(res["steps"])
-            new = net.state_dict()
-            delta = {k: (new[k].detach().cpu() - state[k]).numpy() for k in state}
-            updates.append(ClientUpdate(f"site-{i}", delta, max(int(n), 1)))
-        agg = strategy.aggregate(updates, rnd)
-        state = {k: state[k] + torch.as_tensor(np.asarray(agg[k])).to(state[k].dtype) for k in state}
+    sites = [
+        LocalSite(f"site-{i}", c["model"], c["opt"], c["loader"], seed=seed) for i, c in enumerate(clients)
+    ]
+    fed = federate(kind, prof, sites, global_state, rounds=rounds, steps=steps, strategy=strategy)
+    state, steps_taken = fed.state, fed.steps_per_site
     acct: dict[str, Any] = {"steps_per_site": steps_taken}
     if setting["kind"] == "dp_sgd":
         c0 = clients[0]  # every site has the same q (same subject count) and so the same σ

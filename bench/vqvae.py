@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from fl_app.config import load_profile, parse_overrides
+from fl_app.config import add_set_args, load_profile, overrides_from_args
 from fl_app.data.cohort import read_bids
 from fl_app.data.dataset import SiteDataset
 from fl_app.data.simulate import simulate_sites
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--reuse-data", action="store_true", help="reuse the sites already simulated in --workdir (tuning)"
     )
-    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="profile override")
+    add_set_args(ap, help="profile override")  # and --set-file, e.g. a tune study's best.yaml
     ap.add_argument(
         "--save-model", type=Path, default=None, help="write the trained VQ-VAE here (.pt), after every epoch"
     )
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         path = pretrained_vqvae_path() if args.checkpoint == "pretrained" else Path(args.checkpoint)
         checkpoint_model, profile = load_vqvae(path)
     else:
-        profile = load_profile(args.profile, parse_overrides(args.set))
+        profile = load_profile(args.profile, overrides_from_args(args))
     seed_everything(args.seed)
     dev = resolve_device(args.device)
     tmp = None

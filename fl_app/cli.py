@@ -7,6 +7,7 @@ synthbrain train-local vqvae|prior ...  centralised (non-federated) baselines
 synthbrain pretrain ...                 the public pretrained checkpoint (central, simulated data)
 synthbrain demo                         the end-to-end demo on simulated sites
 synthbrain view PATH                    open a NIfTI file, BIDS subject or cohort in the offline viewer
+synthbrain tune --job J --space S ...   hyper-parameter search over federated runs (Optuna)
 """
 
 from __future__ import annotations
@@ -154,6 +155,11 @@ COMMAND_MODULES: dict[str, tuple[str, str, str]] = {
         "fl_app.pretrain",
         "add_pretrain_parser",
         "train the public checkpoint (VQ-VAE, then prior) centrally on simulated or public data",
+    ),
+    "tune": (
+        "fl_app.tune",
+        "add_tune_parser",
+        "hyper-parameter search over federated runs (Optuna): pruned trials, best.yaml, HTML report",
     ),
     "view": (
         "fl_app.view",

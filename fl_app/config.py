@@ -547,5 +547,105 @@ def parse_overrides(items: list[str] | None, sections: tuple[str, ...] | None = 
     return out
 
 
+def profile_leaf_keys() -> list[str]:
+    """Every dotted profile key that ``--set`` can change (``vqvae.lr``, ``train.batch_size``, ...)."""
+    keys = []
+    for section, field in Profile.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += [f"{section}.{k}" for k in ann.model_fields]
+    return keys
+
+
+def check_profile_key(key: str, source: str, sections: tuple[str, ...] | None = None) -> None:
+    """Raise :class:`ConfigError` naming ``source`` and ``key`` unless ``key`` is a dotted profile key
+    (``section.field``, see :func:`profile_leaf_keys`) in one of ``sections`` (None: any section)."""
+    known = profile_leaf_keys()
+    if key not in known:
+        section = key.split(".", 1)[0]
+        same = [k for k in known if k.startswith(section + ".")]
+        hint = f"; keys of {section}: {', '.join(k.split('.', 1)[1] for k in same)}" if same else ""
+        sections_all = sorted({k.split(".", 1)[0] for k in known})
+        if not same:
+            hint = f"; profile sections: {', '.join(sections_all)}"
+        raise ConfigError(f"{source}: {key}: unknown profile key{hint}")
+    if sections is not None and key.split(".", 1)[0] not in sections:
+        raise ConfigError(
+            f"{source}: {key}: only {', '.join(s + '.*' for s in sections)} keys may be changed here"
+        )
+
+
+def flatten_overrides(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested overlay ``{"vqvae": {"lr": 1e-3}}`` -> ``{"vqvae.lr": 1e-3}`` (dotted keys kept as they are)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and "." not in str(k) and not prefix:
+            out.update(flatten_overrides(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def nest_overrides(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"vqvae.lr": 1e-3}`` -> ``{"vqvae": {"lr": 1e-3}}`` (the form :func:`load_profile` merges)."""
+    out: dict[str, Any] = {}
+    for key, v in flat.items():
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return out
+
+
+def read_set_file(path: str | Path, sections: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """A ``--set-file``: a YAML profile overlay (nested ``vqvae: {lr: 0.001}`` or dotted ``vqvae.lr: 0.001``
+    keys, e.g. the ``best.yaml`` of ``synthbrain tune``) -> nested override dict. Every key is checked
+    against the profile schema; an unknown one is an error naming the file and the key."""
+    path = Path(path)
+    flat = flatten_overrides(_read_yaml(path))
+    for key in flat:
+        check_profile_key(key, str(path), sections)
+    return nest_overrides(flat)
+
+
+def write_set_file(path: str | Path, values: dict[str, Any], comment: str = "") -> Path:
+    """Write a ``--set-file`` overlay (nested YAML) for dotted ``values``; ``comment`` lines go on top."""
+    path = Path(path)
+    for key in values:
+        check_profile_key(key, str(path))
+    head = "".join(f"# {line}\n" for line in comment.splitlines())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(head + yaml.safe_dump(nest_overrides(values), sort_keys=False))
+    return path
+
+
+def add_set_args(p: Any, help: str = "profile override, e.g. train.lr=5e-4", dest: str = "set") -> None:
+    """The profile-override options every command shares: ``--set KEY=VALUE`` (repeatable) and
+    ``--set-file YAML`` (repeatable; a profile overlay such as a tune study's ``best.yaml``; ``--set``
+    wins over it). Read them back with :func:`overrides_from_args`."""
+    flag = "--" + dest.replace("_", "-")
+    p.add_argument(flag, dest=dest, action="append", metavar="KEY=VALUE", help=help)
+    p.add_argument(
+        flag + "-file",
+        dest=dest + "_file",
+        action="append",
+        metavar="YAML",
+        help="profile overlay file (e.g. the best.yaml of `synthbrain tune`); applied before " + flag,
+    )
+
+
+def overrides_from_args(
+    args: Any, sections: tuple[str, ...] | None = None, dest: str = "set", extra: list[str] | None = None
+) -> dict[str, Any]:
+    """The nested overrides of :func:`add_set_args`' options: each ``--set-file`` in order, then ``--set``
+    (and ``extra`` KEY=VALUE items, e.g. a command's ``--lr`` sugar) on top."""
+    out: dict[str, Any] = {}
+    for f in getattr(args, dest + "_file", None) or []:
+        out = _deep_merge(out, read_set_file(f, sections))
+    return _deep_merge(out, parse_overrides([*(getattr(args, dest, None) or []), *(extra or [])], sections))
+
+
 def profile_to_yaml(profile: Profile) -> str:
     return yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_app import __version__
+from fl_app.config import add_set_args
 from fl_app.data.nifti import file_sha256
 
 __all__ = ["PRETRAIN_SEED", "add_pretrain_parser", "run_pretrain"]
@@ -40,15 +41,15 @@ def _stage_args(add_parser: Any, argv: list[str]) -> argparse.Namespace:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from fl_app.config import load_profile, profile_to_yaml
+    from fl_app.config import load_profile, overrides_from_args, profile_to_yaml
     from fl_app.data.simulate import simulate_sites
     from fl_app.models.prior import load_prior
     from fl_app.train.prior_local import add_train_local_prior_parser, run_train_local_prior
-    from fl_app.train.vqvae_local import add_train_local_vqvae_parser, parse_overrides, run_train_local_vqvae
+    from fl_app.train.vqvae_local import add_train_local_vqvae_parser, run_train_local_vqvae
 
     out = Path(args.out or f"runs/pretrain-{args.profile}")
     out.mkdir(parents=True, exist_ok=True)
-    profile = load_profile(args.profile, parse_overrides(args.set))
+    profile = load_profile(args.profile, overrides_from_args(args))
     t_start = time.perf_counter()
     if args.bids:
         sites = [Path(b) for b in args.bids]
@@ -63,7 +64,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
         }
     bids = [a for s in sites for a in ("--bids", str(s))]
     common = ["--profile", args.profile, "--seed", str(args.train_seed), "--cache-dir", str(out / "cache")]
-    sets = [a for kv in args.set or [] for a in ("--set", kv)]
+    sets = [a for f in args.set_file or [] for a in ("--set-file", str(f))]
+    sets += [a for kv in args.set or [] for a in ("--set", kv)]
     if args.batch_size:
         common += ["--batch-size", str(args.batch_size)]
 
@@ -90,7 +92,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
             return rc
     vq_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    prior_sets = [a for kv in args.prior_set or [] for a in ("--set", kv)]
+    prior_sets = [a for f in args.prior_set_file or [] for a in ("--set-file", str(f))]
+    prior_sets += [a for kv in args.prior_set or [] for a in ("--set", kv)]
     pr_argv = [
         "prior",
         "--vqvae",
@@ -178,10 +181,8 @@ def add_pretrain_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--vqvae-minutes", type=float, default=None)
     p.add_argument("--prior-steps", type=int, default=None)
     p.add_argument("--prior-minutes", type=float, default=None)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="profile override (both stages)")
-    p.add_argument(
-        "--prior-set", action="append", metavar="KEY=VALUE", help="prior.*/train.* override (prior)"
-    )
+    add_set_args(p, help="profile override (the VQ-VAE stage; its profile carries prior.* to the prior)")
+    add_set_args(p, help="prior.*/train.* override (the prior stage only)", dest="prior_set")
     p.add_argument("--resume", action="store_true", help="continue the VQ-VAE stage from OUT/vqvae/vqvae.pt")
     p.add_argument("--skip-vqvae", action="store_true", help="reuse OUT/vqvae/vqvae.pt as it is")
     p.add_argument("--ship", action="store_true", help="copy the result into fl_app/pretrained/<profile>/")

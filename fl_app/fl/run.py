@@ -41,7 +41,7 @@ from nvflare.apis.dxo import DataKind
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe as PTFedAvgRecipe
 from nvflare.recipe.utils import add_experiment_tracking
 
-from fl_app.config import load_profile
+from fl_app.config import add_set_args, load_profile
 from fl_app.fl.launcher import recipe_launch_args
 from fl_app.fl.server import SynthAggregator, SynthFedAvg, SynthPersistor
 from fl_app.privacy.aggregation import DEFAULT_STRATEGY
@@ -111,6 +111,8 @@ class JobSpec:
         site_config_dir: folder of ``<site>.yaml`` visible to the clients (simulator / POC); None =
             every client reads ``$SYNTHBRAIN_SITE_CONFIG`` (production).
         local_epochs, max_steps: local work per round (batch size, learning rate: the profile's ``train``).
+        planned_rounds: the rounds the sites plan their DP noise for when a job is run a few rounds at a
+            time, each submission resuming the last (``synthbrain tune --env sim``); None: ``num_rounds``.
         dp: the job is for sites running DP-SGD: the server refuses a VQ-VAE quantiser that is not DP-safe.
         dp_epsilon: target ε of this job at each site running local DP-SGD (the site's YAML decides
             whether DP is on, and its ``epsilon_budget`` caps the total; None: the site's ``job_epsilon``).
@@ -131,6 +133,7 @@ class JobSpec:
     site_config_dir: str | None = None
     local_epochs: int = 1
     max_steps: int | None = None
+    planned_rounds: int | None = None
     seed: int = 0
     dp: bool = False
     dp_epsilon: float | None = None
@@ -153,7 +156,7 @@ class JobSpec:
 
     def train_args(self) -> str:
         parts = [self.kind, f"--local-epochs {self.local_epochs}", f"--seed {self.seed}"]
-        parts.append(f"--rounds {self.num_rounds}")
+        parts.append(f"--rounds {self.planned_rounds or self.num_rounds}")
         if self.dp_epsilon:
             parts.append(f"--dp-epsilon {self.dp_epsilon}")
         if self.run_name:
@@ -324,11 +327,11 @@ def run_job(
 def _job_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The :class:`JobSpec` fields of ``fl run`` / ``fl export`` flags; ``--batch-size`` / ``--lr`` are
     ``--set train.batch_size=`` / ``train.lr=`` (local work is the profile's, which travels with the model)."""
-    from fl_app.config import parse_overrides
+    from fl_app.config import overrides_from_args
 
     sugar = [f"train.{k}={v}" for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None]
     return dict(
-        profile=load_profile(args.profile, parse_overrides([*(args.set or []), *sugar])).model_dump(mode="json"),
+        profile=load_profile(args.profile, overrides_from_args(args, extra=sugar)).model_dump(mode="json"),
         num_rounds=args.rounds, min_sites=args.min_sites, round_timeout=args.round_timeout,
         memory_gc_rounds=args.memory_gc_rounds, local_epochs=args.local_epochs, max_steps=args.max_steps,
         seed=args.seed, dp=args.dp_model, dp_epsilon=args.dp_epsilon, checkpoint_dir=args.checkpoint_dir,
@@ -439,7 +442,7 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", default="fl", help="run name: results under <runs>/<run>/")
     p.add_argument("--runs", default="runs", help="runs folder (default ./runs)")
     p.add_argument("--profile", default="cpu-demo")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="profile override, e.g. train.lr=5e-4")
+    add_set_args(p)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument(
         "--min-sites",

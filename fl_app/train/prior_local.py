@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from fl_app.config import Profile, TrainSection, profile_to_yaml
+from fl_app.config import Profile, TrainSection, add_set_args, profile_to_yaml
 from fl_app.data.covariates import UNKNOWN_DIAGNOSIS, UNKNOWN_SEX
 from fl_app.data.nifti import file_sha256
 from fl_app.models.prior import ConditionalPrior, build_prior, save_prior, unwrap_prior
@@ -394,7 +394,7 @@ def _vqvae_file(path: Path) -> Path:
 
 def run_train_local_prior(args: argparse.Namespace) -> int:
     """``synthbrain train-local prior``: encode the sites with a VQ-VAE and train the prior centrally."""
-    from fl_app.config import parse_overrides, profile_from_dict
+    from fl_app.config import overrides_from_args, profile_from_dict
     from fl_app.data.cohort import read_bids
     from fl_app.data.dataset import SiteDataset, split_indices
     from fl_app.models.vqvae import load_vqvae
@@ -405,7 +405,7 @@ def run_train_local_prior(args: argparse.Namespace) -> int:
         return 2
     dev = resolve_device(args.device)
     vqvae, vq_profile = load_vqvae(vq_path, map_location=dev)
-    overrides = parse_overrides(args.set, sections=("prior", "train"))  # the VQ-VAE fixes the rest
+    overrides = overrides_from_args(args, sections=("prior", "train"))  # the VQ-VAE fixes the rest
     if args.unconditional:
         overrides.setdefault("prior", {})["cond_dropout"] = 1.0
     base = vq_profile.model_dump(mode="json")
@@ -513,11 +513,6 @@ def add_train_local_prior_parser(subparsers: argparse._SubParsersAction) -> argp
     p.add_argument(
         "--unconditional", action="store_true", help="ignore covariates (cond_dropout = 1), a baseline"
     )
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="prior/train override, e.g. prior.attention=linear",
-    )
+    add_set_args(p, help="prior/train override, e.g. prior.attention=linear")
     p.set_defaults(func=run_train_local_prior)
     return p

@@ -49,7 +49,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 
-from fl_app.config import Profile, VQVAESection, load_profile, parse_overrides, profile_to_yaml
+from fl_app.config import (
+    Profile,
+    VQVAESection,
+    add_set_args,
+    load_profile,
+    overrides_from_args,
+    profile_to_yaml,
+)
 from fl_app.evaluate import metrics as M
 from fl_app.models.quantizer import codebook_usage, restart_dead_codes
 from fl_app.models.vqvae import (
@@ -453,7 +460,7 @@ def run_train_local_vqvae(args: argparse.Namespace) -> int:
     from fl_app.data.cohort import read_bids
     from fl_app.data.dataset import SiteDataset, make_loaders
 
-    profile = load_profile(args.profile, parse_overrides(args.set))
+    profile = load_profile(args.profile, overrides_from_args(args))
     seed = profile.train.seed if args.seed is None else args.seed
     seed_everything(seed)
     dev = resolve_device(args.device)
@@ -556,7 +563,7 @@ def add_train_local_vqvae_parser(subparsers: argparse._SubParsersAction) -> argp
     p.add_argument("--cache-dir", type=Path, default=None, help="preprocessing cache")
     p.add_argument("--image-only", action="store_true", help="ignore tissue labels")
     p.add_argument("--init", type=Path, default=None, help="start from this VQ-VAE checkpoint (.pt)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="profile override, e.g. vqvae.lr=...")
+    add_set_args(p, help="profile override, e.g. vqvae.lr=...")
     p.set_defaults(func=run_train_local_vqvae)
     return p
 
