@@ -29,6 +29,9 @@ from fl_app.data.nifti import file_sha256
 
 __all__ = ["PRETRAIN_SEED", "add_pretrain_parser", "run_pretrain"]
 
+STAGES_FILE = "pretrain_stages.json"
+"""The VQ-VAE stage's history in ``OUT/vqvae/``: each pretrain command that trained it and its steps."""
+
 # Simulated-data seed reserved for the public checkpoint: demo, benches and tests use seeds below 2000.
 PRETRAIN_SEED = 7000
 
@@ -84,12 +87,22 @@ def run_pretrain(args: argparse.Namespace) -> int:
         str(out / "vqvae"),
         *budget(args.vqvae_steps, args.vqvae_minutes),
     ]
-    if args.resume and (out / "vqvae" / "vqvae.pt").is_file():
+    command = "synthbrain " + " ".join(shlex.quote(a) for a in args.command_line)
+    stages_file = out / "vqvae" / STAGES_FILE
+    resumed = args.resume and (out / "vqvae" / "vqvae.pt").is_file()
+    if resumed:
         vq_argv += ["--init", str(out / "vqvae" / "vqvae.pt")]
     if not args.skip_vqvae:
         rc = run_train_local_vqvae(_stage_args(add_train_local_vqvae_parser, vq_argv))
         if rc:
             return rc
+        # the VQ-VAE's training history: a resumed run adds to it, a fresh one starts it
+        stages = json.loads(stages_file.read_text()) if resumed and stages_file.is_file() else []
+        done = json.loads((out / "vqvae" / "metrics.json").read_text())
+        stages.append(
+            {"command": command, "steps": done.get("steps"), "wall_seconds": done.get("train_seconds")}
+        )
+        stages_file.write_text(json.dumps(stages, indent=2))
     vq_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     prior_sets = [a for f in args.prior_set_file or [] for a in ("--set-file", str(f))]
@@ -117,18 +130,22 @@ def run_pretrain(args: argparse.Namespace) -> int:
     _, prof = load_prior(gdir / "prior.pt")
     (gdir / "profile.yaml").write_text(profile_to_yaml(prof))
     vq_metrics = json.loads((out / "vqvae" / "metrics.json").read_text())
+    vq_stages = json.loads(stages_file.read_text()) if stages_file.is_file() else []
     pr_metrics = json.loads((out / "prior" / "metrics.json").read_text())
     card = {
         "name": f"synthbrain/pretrained-{args.profile}",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "synthbrain_version": __version__,
         "kind": "public pretrained checkpoint (central training, no federation, no patient data)",
-        "command": "synthbrain " + " ".join(shlex.quote(a) for a in args.command_line),
+        "command": command,
+        # every command that trained these weights, in order (one unless the VQ-VAE stage was resumed)
+        "commands": [*dict.fromkeys([*(st["command"] for st in vq_stages), command])],
         "data": data,
         "profile": args.profile,
         "wall_seconds": {"total": time.perf_counter() - t_start, "vqvae": vq_seconds, "prior": prior_seconds},
         "vqvae": {
-            "steps": vq_metrics.get("steps"),
+            "steps": sum(int(st["steps"] or 0) for st in vq_stages) or vq_metrics.get("steps"),
+            "stages": vq_stages,
             "n_train": vq_metrics.get("n_train"),
             "n_val": vq_metrics.get("n_val"),
             "quantiser": vq_metrics.get("quantiser"),

@@ -12,33 +12,32 @@ from fl_app.pretrain import PRETRAIN_SEED
 
 def test_pretrain_writes_a_global_model_with_a_verifiable_card(tmp_path) -> None:
     out = tmp_path / "pre"
-    rc = main(
-        [
-            "pretrain",
-            "--out",
-            str(out),
-            "--sites",
-            "1",
-            "--subjects-per-site",
-            "5",
-            "--vqvae-steps",
-            "2",
-            "--prior-steps",
-            "2",
-            "--set",
-            "data.shape=[32,32,32]",
-            "--set",
-            "data.spacing=[6,6,6]",
-            "--set",
-            "vqvae.channels=[8,8]",
-            "--set",
-            "vqvae.num_res_channels=[8,8]",
-            "--prior-set",
-            "prior.d_model=32",
-            "--prior-set",
-            "prior.n_layers=1",
-        ]
-    )
+    argv = [
+        "pretrain",
+        "--out",
+        str(out),
+        "--sites",
+        "1",
+        "--subjects-per-site",
+        "5",
+        "--vqvae-steps",
+        "2",
+        "--prior-steps",
+        "2",
+        "--set",
+        "data.shape=[32,32,32]",
+        "--set",
+        "data.spacing=[6,6,6]",
+        "--set",
+        "vqvae.channels=[8,8]",
+        "--set",
+        "vqvae.num_res_channels=[8,8]",
+        "--prior-set",
+        "prior.d_model=32",
+        "--prior-set",
+        "prior.n_layers=1",
+    ]
+    rc = main(argv)
     assert rc == 0
     gdir = out / "global"
     card = json.loads((gdir / "model_card.json").read_text())
@@ -52,3 +51,40 @@ def test_pretrain_writes_a_global_model_with_a_verifiable_card(tmp_path) -> None
     assert card["wall_seconds"]["total"] >= card["wall_seconds"]["vqvae"] > 0
     gm = load_global_model(gdir, device="cpu")  # the sampler's loader accepts it as a global model
     assert tuple(gm.prior.code_shape) == (8, 8, 8)
+    # resuming the VQ-VAE stage adds to its history: the card lists both commands and the total steps
+    more = [*argv, "--resume"]
+    more[more.index("--vqvae-steps") + 1] = "3"
+    assert main(more) == 0
+    card = json.loads((gdir / "model_card.json").read_text())
+    assert [st["steps"] for st in card["vqvae"]["stages"]] == [2, 3] and card["vqvae"]["steps"] == 5
+    assert len(card["commands"]) == 2 and card["commands"][1].endswith("--resume")
+    assert file_sha256(gdir / "vqvae.pt") == card["weights_sha256"]["vqvae.pt"]
+
+
+def test_the_shipped_checkpoint_loads_and_matches_its_card() -> None:
+    """The package's cpu-demo checkpoint: present, small, hashes equal to its card's, loadable as a global
+    model, and its card's command is a ``synthbrain pretrain`` command line on the reserved seed."""
+    import argparse
+    import shlex
+
+    from fl_app.models.pretrained import pretrained_dir
+    from fl_app.pretrain import add_pretrain_parser
+
+    gdir = pretrained_dir("cpu-demo")
+    card = json.loads((gdir / "model_card.json").read_text())
+    assert set(card["weights_sha256"]) == {"vqvae.pt", "prior.pt"}
+    for name, digest in card["weights_sha256"].items():
+        assert file_sha256(gdir / name) == digest, f"{gdir / name} differs from its model card"
+    assert sum(p.stat().st_size for p in gdir.iterdir()) < 50 * 2**20
+    gm = load_global_model(gdir, device="cpu")
+    assert gm.profile.vqvae.quantiser == card["vqvae"]["quantiser"]
+    assert tuple(gm.prior.code_shape) == tuple(s // 4 for s in gm.profile.data.shape)
+    argv = shlex.split(card["command"])
+    assert argv[:2] == ["synthbrain", "pretrain"]
+    p = argparse.ArgumentParser()
+    add_pretrain_parser(p.add_subparsers())
+    args = p.parse_args(argv[1:])
+    assert args.seed == PRETRAIN_SEED == card["data"]["seed"] and not args.bids
+    assert card["prior"]["steps"] == args.prior_steps
+    assert card["vqvae"]["steps"] == sum(st["steps"] for st in card["vqvae"]["stages"]) > 0
+    assert card["commands"][-1] == card["command"]
