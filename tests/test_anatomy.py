@@ -335,7 +335,9 @@ def _pv_phantom(atrophy: float, seed: int = 1) -> tuple[np.ndarray, np.ndarray, 
     icv = expit((1.0 - r) / 0.025)
     tissue = expit((0.93 - atrophy - r + fold) / 0.025)
     wm = expit((0.62 - r + 1.5 * fold) / 0.025)
-    vent = expit((0.18 + 0.5 * atrophy - 0.18 * np.sqrt((x / 18) ** 2 + (y / 30) ** 2 + (z / 14) ** 2)) / 0.025)
+    vent = expit(
+        (0.18 + 0.5 * atrophy - 0.18 * np.sqrt((x / 18) ** 2 + (y / 30) ** 2 + (z / 14) ** 2)) / 0.025
+    )
     pw = icv * wm * (1 - vent)
     pg = icv * np.clip(tissue - wm, 0, 1) * (1 - vent)
     pc = icv - pw - pg
