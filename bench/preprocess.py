@@ -4,7 +4,7 @@ For each profile (cpu-demo, full-1mm) it simulates full-head sites across every 
 (orientations, data types, anisotropic voxels, bias, neck; ``fl_app.data.simulate``), hides their truth
 label maps and, per subject, in a fresh process (torch on ``--threads`` threads):
 
-1. derives the brain mask and CSF / GM / WM labels (N4 + deepbet + Gaussian mixture) into an empty cache
+1. derives the brain mask and CSF / GM / WM labels (deepbet + N4 + partial-volume-aware tissue labels) into an empty cache
    and preprocesses the subject to the profile grid with them, as ``site check`` + a client's dataset do;
    records the seconds of each step and the process's peak resident memory;
 2. compares, at the profile resolution (both label maps resampled onto the profile grid exactly as
@@ -152,6 +152,11 @@ def run_profile(profile: str, n_sites: int, per_site: int, seed: int, threads: i
         summary["btf_r"] = round(float(np.corrcoef(bd, bt)[0, 1]), 4) if len(ok) > 2 else None
         summary["btf_mae"] = round(float(np.abs(bd - bt).mean()), 4)
         summary["btf_bias"] = round(float((bd - bt).mean()), 4)
+        # error vs truth: > 0 where atrophied brains (low BTF) are over-estimated and young ones under-
+        summary["btf_error_slope_vs_truth"] = (
+            round(float(-np.polyfit(bt, bd - bt, 1)[0]), 4) if len(ok) > 2 else None
+        )
+        summary["btf_abs_error_max"] = round(float(np.abs(bd - bt).max()), 4)
         per_site: dict = {}
         for r in ok:
             per_site.setdefault(r["site"], []).append(r)
@@ -173,7 +178,7 @@ def run_profile(profile: str, n_sites: int, per_site: int, seed: int, threads: i
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sites", type=int, default=4, help="simulated sites (presets cycle every 4)")
-    ap.add_argument("--subjects", type=int, default=5, help="subjects per site at cpu-demo")
+    ap.add_argument("--subjects", type=int, default=5, help="subjects per site at cpu-demo (0: skip)")
     ap.add_argument("--full-subjects", type=int, default=1, help="subjects per site at full-1mm (0: skip)")
     ap.add_argument("--full-sites", type=int, default=4, help="simulated sites at full-1mm")
     ap.add_argument("--seed", type=int, default=20261201)
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "profiles": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [("cpu-demo", args.sites, args.subjects)]
+        runs = [("cpu-demo", args.sites, args.subjects)] if args.subjects else []
         runs += [("full-1mm", args.full_sites, args.full_subjects)] if args.full_subjects else []
         for profile, n_sites, n in runs:
             result["profiles"][profile] = run_profile(profile, n_sites, n, args.seed, args.threads, Path(tmp))
