@@ -98,7 +98,9 @@ def _subject(image: str, truth: str, profile: str, cache: str, threads: int) -> 
     return out
 
 
-def run_profile(profile: str, n_sites: int, per_site: int, seed: int, threads: int, work: Path) -> dict:
+def run_profile(
+    profile: str, n_sites: int, per_site: int, seed: int, threads: int, work: Path, one_process: bool = False
+) -> dict:
     from fl_app.config import load_profile
     from fl_app.data.simulate import simulate_sites
 
@@ -113,13 +115,21 @@ def run_profile(profile: str, n_sites: int, per_site: int, seed: int, threads: i
             jobs.append((site.name, str(img), str(truth)))
     rows = []
     ctx = mp.get_context("spawn")
-    for site_name, img, truth in jobs:
-        cache = work / profile / "cache" / Path(img).name.split("_")[0]
-        with cf.ProcessPoolExecutor(1, mp_context=ctx) as ex:
-            r = ex.submit(_subject, img, truth, profile, str(cache), threads).result()
-        r["site"] = site_name
-        rows.append(r)
-        print(json.dumps(r), file=sys.stderr, flush=True)
+    shared = cf.ProcessPoolExecutor(1, mp_context=ctx) if one_process else None
+    try:
+        for site_name, img, truth in jobs:
+            cache = work / profile / "cache" / Path(img).name.split("_")[0]
+            if shared is not None:
+                r = shared.submit(_subject, img, truth, profile, str(cache), threads).result()
+            else:
+                with cf.ProcessPoolExecutor(1, mp_context=ctx) as ex:
+                    r = ex.submit(_subject, img, truth, profile, str(cache), threads).result()
+            r["site"] = site_name
+            rows.append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+    finally:
+        if shared is not None:
+            shared.shutdown()
     ok = [r for r in rows if "dice" in r]
     summary: dict = {"n_subjects": len(rows), "n_failed": len(rows) - len(ok), "simulate_s": round(sim_s, 1)}
     if ok:
@@ -183,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full-sites", type=int, default=4, help="simulated sites at full-1mm")
     ap.add_argument("--seed", type=int, default=20261201)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--one-process",
+        action="store_true",
+        help="all subjects of a profile in one worker process, as site check runs a site (network loaded once; "
+        "peak memory is then the worker's over all its subjects)",
+    )
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args(argv)
     import deepbet
@@ -196,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
             "threads": args.threads,
+            "one_process": args.one_process,
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         },
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -211,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = [("cpu-demo", args.sites, args.subjects)] if args.subjects else []
         runs += [("full-1mm", args.full_sites, args.full_subjects)] if args.full_subjects else []
         for profile, n_sites, n in runs:
-            result["profiles"][profile] = run_profile(profile, n_sites, n, args.seed, args.threads, Path(tmp))
+            result["profiles"][profile] = run_profile(
+                profile, n_sites, n, args.seed, args.threads, Path(tmp), args.one_process
+            )
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(result, indent=1)
     print(text)
