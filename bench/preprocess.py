@@ -4,7 +4,7 @@ For each profile (cpu-demo, full-1mm) it simulates full-head sites across every 
 (orientations, data types, anisotropic voxels, bias, neck; ``fl_app.data.simulate``), hides their truth
 label maps and, per subject, in a fresh process (torch on ``--threads`` threads):
 
-1. derives the brain mask and CSF / GM / WM labels (N4 + deepbet + Gaussian mixture) into an empty cache
+1. derives the brain mask and CSF / GM / WM labels (deepbet + N4 + partial-volume-aware tissue labels) into an empty cache
    and preprocesses the subject to the profile grid with them, as ``site check`` + a client's dataset do;
    records the seconds of each step and the process's peak resident memory;
 2. compares, at the profile resolution (both label maps resampled onto the profile grid exactly as
@@ -98,7 +98,9 @@ def _subject(image: str, truth: str, profile: str, cache: str, threads: int) -> 
     return out
 
 
-def run_profile(profile: str, n_sites: int, per_site: int, seed: int, threads: int, work: Path) -> dict:
+def run_profile(
+    profile: str, n_sites: int, per_site: int, seed: int, threads: int, work: Path, one_process: bool = False
+) -> dict:
     from fl_app.config import load_profile
     from fl_app.data.simulate import simulate_sites
 
@@ -113,13 +115,21 @@ def run_profile(profile: str, n_sites: int, per_site: int, seed: int, threads: i
             jobs.append((site.name, str(img), str(truth)))
     rows = []
     ctx = mp.get_context("spawn")
-    for site_name, img, truth in jobs:
-        cache = work / profile / "cache" / Path(img).name.split("_")[0]
-        with cf.ProcessPoolExecutor(1, mp_context=ctx) as ex:
-            r = ex.submit(_subject, img, truth, profile, str(cache), threads).result()
-        r["site"] = site_name
-        rows.append(r)
-        print(json.dumps(r), file=sys.stderr, flush=True)
+    shared = cf.ProcessPoolExecutor(1, mp_context=ctx) if one_process else None
+    try:
+        for site_name, img, truth in jobs:
+            cache = work / profile / "cache" / Path(img).name.split("_")[0]
+            if shared is not None:
+                r = shared.submit(_subject, img, truth, profile, str(cache), threads).result()
+            else:
+                with cf.ProcessPoolExecutor(1, mp_context=ctx) as ex:
+                    r = ex.submit(_subject, img, truth, profile, str(cache), threads).result()
+            r["site"] = site_name
+            rows.append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+    finally:
+        if shared is not None:
+            shared.shutdown()
     ok = [r for r in rows if "dice" in r]
     summary: dict = {"n_subjects": len(rows), "n_failed": len(rows) - len(ok), "simulate_s": round(sim_s, 1)}
     if ok:
@@ -152,6 +162,11 @@ def run_profile(profile: str, n_sites: int, per_site: int, seed: int, threads: i
         summary["btf_r"] = round(float(np.corrcoef(bd, bt)[0, 1]), 4) if len(ok) > 2 else None
         summary["btf_mae"] = round(float(np.abs(bd - bt).mean()), 4)
         summary["btf_bias"] = round(float((bd - bt).mean()), 4)
+        # error vs truth: > 0 where atrophied brains (low BTF) are over-estimated and young ones under-
+        summary["btf_error_slope_vs_truth"] = (
+            round(float(-np.polyfit(bt, bd - bt, 1)[0]), 4) if len(ok) > 2 else None
+        )
+        summary["btf_abs_error_max"] = round(float(np.abs(bd - bt).max()), 4)
         per_site: dict = {}
         for r in ok:
             per_site.setdefault(r["site"], []).append(r)
@@ -173,11 +188,17 @@ def run_profile(profile: str, n_sites: int, per_site: int, seed: int, threads: i
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sites", type=int, default=4, help="simulated sites (presets cycle every 4)")
-    ap.add_argument("--subjects", type=int, default=5, help="subjects per site at cpu-demo")
+    ap.add_argument("--subjects", type=int, default=5, help="subjects per site at cpu-demo (0: skip)")
     ap.add_argument("--full-subjects", type=int, default=1, help="subjects per site at full-1mm (0: skip)")
     ap.add_argument("--full-sites", type=int, default=4, help="simulated sites at full-1mm")
     ap.add_argument("--seed", type=int, default=20261201)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--one-process",
+        action="store_true",
+        help="all subjects of a profile in one worker process, as site check runs a site (network loaded once; "
+        "peak memory is then the worker's over all its subjects)",
+    )
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args(argv)
     import deepbet
@@ -191,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
             "threads": args.threads,
+            "one_process": args.one_process,
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         },
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -203,10 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         "profiles": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [("cpu-demo", args.sites, args.subjects)]
+        runs = [("cpu-demo", args.sites, args.subjects)] if args.subjects else []
         runs += [("full-1mm", args.full_sites, args.full_subjects)] if args.full_subjects else []
         for profile, n_sites, n in runs:
-            result["profiles"][profile] = run_profile(profile, n_sites, n, args.seed, args.threads, Path(tmp))
+            result["profiles"][profile] = run_profile(
+                profile, n_sites, n, args.seed, args.threads, Path(tmp), args.one_process
+            )
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(result, indent=1)
     print(text)

@@ -8,9 +8,12 @@ on CPU:
    network's own 256³ input grid, largest component kept and holes filled;
 2. **bias correction**: N4 (SimpleITK, Apache-2.0) inside the brain mask, fitted on a grid of about
    6 mm (shrunk) and applied to the scan at full resolution;
-3. **3-class tissue segmentation**: a Gaussian mixture (scikit-learn) of the bias-corrected brain
-   intensities, classes ordered by mean intensity (CSF < GM < WM as in every T1w), posteriors lightly
-   smoothed in space before the voxel-wise choice (a simple spatial prior against noise).
+3. **3-class tissue segmentation** (partial-volume aware): the CSF, GM and WM intensities of the
+   bias-corrected brain are estimated twice, as the means of a 3-class Gaussian mixture (scikit-learn;
+   pulled towards the neighbouring classes by partial-volume voxels) and as the medians of each class's
+   spatial core (pulled away from them), and averaged; a voxel goes to the tissue on whose side of the
+   mid-point between two tissue intensities it lies (the tissue that fills most of a mixed voxel), with
+   soft memberships smoothed over ~1 mm against noise (CSF < GM < WM as in every T1w).
 
 The result is a label map on the scan's own voxel grid and affine (0 background, 1 CSF, 2 GM, 3 WM), so
 the rest of synthbrain reads it exactly as a provided ``dseg`` map and any viewer overlays it on the scan.
@@ -50,7 +53,7 @@ from fl_app.data.nifti import (
     to_canonical,
 )
 
-ANATOMY_VERSION = "1"
+ANATOMY_VERSION = "2"
 
 BRAIN_VOLUME_ML = (700.0, 2400.0)
 """Plausible intracranial (brain-mask) volume of an adult, in ml."""
@@ -128,8 +131,15 @@ def bias_correct(data: np.ndarray, mask: np.ndarray, zooms: np.ndarray, *, fit_m
     return (data / np.exp(log_bias)).astype(np.float32)
 
 
-def tissue_segment(data: np.ndarray, mask: np.ndarray, zooms: np.ndarray, *, seed: int = 0) -> np.ndarray:
-    """3-class Gaussian-mixture segmentation of the brain (1 CSF, 2 GM, 3 WM; 0 outside ``mask``)."""
+def _class_intensities(data: np.ndarray, mask: np.ndarray, seed: int) -> np.ndarray:
+    """CSF, GM and WM intensities (ascending) of a bias-corrected brain.
+
+    Two estimates with opposite partial-volume biases, averaged: the means of a 3-class Gaussian mixture
+    (each pulled towards its neighbouring classes by partial-volume voxels) and the medians of each
+    class's spatial core (voxels of the class whose neighbours are of the same class, away from the
+    mask's edge; pulled away from the neighbouring classes because the core is cut at the boundaries).
+    The cores are refined a few times with the mid-point boundaries they imply.
+    """
     from sklearn.mixture import GaussianMixture
 
     vals = data[mask].astype(np.float64)
@@ -137,15 +147,65 @@ def tissue_segment(data: np.ndarray, mask: np.ndarray, zooms: np.ndarray, *, see
     init = np.percentile(sample, [8.0, 50.0, 85.0])[:, None]
     gmm = GaussianMixture(3, covariance_type="full", random_state=seed, means_init=init, max_iter=200)
     gmm.fit(sample[:, None])
-    order = np.argsort(gmm.means_.ravel())
-    post = np.zeros((*data.shape, 3), dtype=np.float32)
-    post[mask] = gmm.predict_proba(vals[:, None])[:, order]
-    sigma = 1.0 / np.asarray(zooms, dtype=np.float64)  # ~1 mm smoothing of the posteriors
+    mix = np.sort(gmm.means_.ravel())
+    inner = ndimage.binary_erosion(mask)
+    core = mix.copy()
+    for _ in range(4):
+        lab = _threshold_labels(data, mask, core)
+        new = core.copy()
+        for k in range(3):
+            region = lab == k + 1
+            sel = ndimage.binary_erosion(region) & inner
+            sel = sel if sel.sum() >= 200 else region
+            if sel.sum() >= 50:
+                new[k] = float(np.median(data[sel]))
+        core = new
+    return np.sort(0.5 * (mix + core))
+
+
+def _threshold_labels(data: np.ndarray, mask: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """1 CSF / 2 GM / 3 WM by the mid-points between the class intensities ``mu`` (0 outside ``mask``)."""
+    t1, t2 = 0.5 * (mu[0] + mu[1]), 0.5 * (mu[1] + mu[2])
+    lab = np.zeros(data.shape, np.uint8)
+    x = data[mask]
+    lab[mask] = 1 + (x >= t1).astype(np.uint8) + (x >= t2).astype(np.uint8)
+    return lab
+
+
+def tissue_segment(data: np.ndarray, mask: np.ndarray, zooms: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """3-class segmentation of the bias-corrected brain (1 CSF, 2 GM, 3 WM; 0 outside ``mask``).
+
+    A voxel mixing two tissues belongs to the one that fills most of it, i.e. its intensity lies on that
+    tissue's side of the mid-point between the two tissue intensities (:func:`_class_intensities`).
+    Soft memberships around those mid-points (width 5 % of the CSF-WM range) are smoothed over ~1 mm
+    against noise, then the largest is taken.
+    """
+    from scipy.special import expit
+
+    out = np.zeros(data.shape, np.uint8)
+    if not mask.any():
+        return out
+    # work on the mask's bounding box (1 voxel margin): same result, less to filter
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(axis=0) - 2, 0)
+    hi = np.minimum(idx.max(axis=0) + 3, data.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    d, m = data[box], mask[box]
+    mu = _class_intensities(d, m, seed)
+    t1, t2 = 0.5 * (mu[0] + mu[1]), 0.5 * (mu[1] + mu[2])
+    tau = 0.05 * max(float(mu[2] - mu[0]), 1e-12)
+    x = d[m].astype(np.float64)
+    p_csf = 1.0 - expit((x - t1) / tau)
+    p_wm = expit((x - t2) / tau)
+    post = np.zeros((*d.shape, 3), dtype=np.float32)
+    post[m] = np.stack([p_csf, np.clip(1.0 - p_csf - p_wm, 0.0, 1.0), p_wm], axis=-1)
+    sigma = 1.0 / np.asarray(zooms, dtype=np.float64)  # ~1 mm smoothing of the memberships
     for k in range(3):
         post[..., k] = ndimage.gaussian_filter(post[..., k], sigma)
     label = (post.argmax(axis=-1) + 1).astype(np.uint8)
-    label[~mask] = 0
-    return label
+    label[~m] = 0
+    out[box] = label
+    return out
 
 
 def tissue_fractions(label: np.ndarray) -> dict[str, float]:
