@@ -361,6 +361,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         init_vq.load_state_dict(vq_init)
         out["initial"] = {"vqvae_psnr_db": evaluate_vqvae(init_vq, held_loader)["psnr_db"]}
         out["setup_seconds"] = time.perf_counter() - t_all
+        print(json.dumps({"initial": out["initial"]}), flush=True)
         codes = held_codes = None
         if args.fedavg_sites:
             out["dp_fedavg_sites"] = _fedavg_sites(args, prof, vq_init, held_loader, tmp)
