@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "INIT_CHOICES",
     "PRETRAINED_ROOT",
     "check_init_architecture",
     "checkpoint_profile_dict",
@@ -21,9 +20,6 @@ __all__ = [
     "resolve_init",
 ]
 
-INIT_CHOICES = "pretrained|PATH|scratch"
-"""What ``--init`` of a federated job takes: the package's checkpoint, a global-model directory or a ``.pt``
-file, or a fresh random initialisation (``scratch``)."""
 
 PRETRAINED_ROOT = Path(__file__).resolve().parent.parent / "pretrained"
 
