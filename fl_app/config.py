@@ -231,6 +231,49 @@ class TrainSection(_Strict):
     num_workers: int = Field(0, ge=0)
 
 
+FINETUNE_PRESETS: dict[str, tuple[str, ...]] = {
+    "all": ("*",),
+    # VQ-VAE (MONAI VQVAE: encoder / decoder blocks; no normalisation layers)
+    "decoder": ("net.decoder.*",),
+    "decoder_last": ("net.decoder.blocks.3.*", "net.decoder.blocks.4.*"),
+    "decoder_out": ("net.decoder.blocks.4.*",),
+    "biases": ("*.bias",),
+    # prior (transformer)
+    "norms": ("*.ln1.*", "*.ln2.*", "ln_f.*"),
+    "prior_last": ("blocks.{last}.*", "ln_f.*", "head.*"),
+    "cond_embeddings": ("age_emb.*", "sex_emb.*", "dx_emb.*"),
+}
+"""Named subsets of a model's parameters for fine-tuning (``finetune.vqvae`` / ``finetune.prior``); each is a
+list of ``fnmatch`` patterns over parameter names (``{last}``: the index of the prior's last block)."""
+
+
+class FinetuneSection(_Strict):
+    """Which parameters a federated job trains; the others stay frozen at the initial (public) checkpoint.
+
+    Each list holds preset names (:data:`FINETUNE_PRESETS`) and/or ``fnmatch`` patterns over parameter names
+    (``net.decoder.blocks.4.*``). ``["all"]`` (default) trains every parameter and sends a full update. With
+    a subset, only the trainable tensors are optimised (Opacus sees only them under DP) and sent; the frozen
+    ones are public already (they are the checkpoint) and never leave a site.
+    """
+
+    vqvae: list[str] = Field(default_factory=lambda: ["all"], min_length=1)
+    prior: list[str] = Field(default_factory=lambda: ["all"], min_length=1)
+
+    @field_validator("vqvae", "prior")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        for item in v:
+            if item not in FINETUNE_PRESETS and not any(c in item for c in "*?[."):
+                raise ValueError(
+                    f"{item!r} is neither a preset ({', '.join(FINETUNE_PRESETS)}) nor a parameter-name pattern"
+                )
+        return v
+
+    def is_full(self, kind: str) -> bool:
+        """True when the ``kind`` model (``"vqvae"`` / ``"prior"``) is trained whole."""
+        return list(getattr(self, kind)) == ["all"]
+
+
 class Profile(_Strict):
     """A complete, validated profile (``cpu-demo``, ``full-1mm`` or a custom one)."""
 
@@ -240,6 +283,7 @@ class Profile(_Strict):
     vqvae: VQVAESection = VQVAESection()
     prior: PriorSection = PriorSection()
     train: TrainSection = TrainSection()
+    finetune: FinetuneSection = FinetuneSection()
 
     @model_validator(mode="after")
     def _grid_divisible(self) -> Profile:
@@ -462,6 +506,13 @@ def load_profile(name_or_path: str | Path, overrides: dict[str, Any] | None = No
     return profile_from_dict(data, source=str(name_or_path))
 
 
+def apply_overrides(
+    data: dict[str, Any], overrides: dict[str, Any] | None, source: str = "profile"
+) -> Profile:
+    """A profile dict (e.g. a checkpoint's) with nested ``--set`` overrides merged in, validated."""
+    return profile_from_dict(_deep_merge(data, overrides or {}), source=source)
+
+
 def profile_from_dict(data: dict[str, Any], source: str = "profile") -> Profile:
     try:
         return Profile.model_validate(data)
@@ -649,3 +700,28 @@ def overrides_from_args(
 
 def profile_to_yaml(profile: Profile) -> str:
     return yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False)
+
+
+ARCHITECTURE_KEYS: dict[str, tuple[str, ...]] = {
+    "data": ("shape", "spacing", "lower_percentile", "upper_percentile", "brain_mask", "brain_mask_dilate_mm"),
+    "vqvae": ("channels", "num_res_layers", "num_res_channels", "num_embeddings", "embedding_dim", "quantiser",
+              "fsq_levels", "joint_labels", "codebook_normalize"),
+    "prior": ("d_model", "n_layers", "n_heads", "attention", "ordering", "ordering_seed", "age_range",
+              "age_frequencies", "mlp_ratio"),
+}  # fmt: skip
+"""The profile keys that fix a model's weights' meaning (grid, preprocessing, architecture): a checkpoint and
+the job that starts from it must agree on all of them."""
+
+
+def architecture_diff(
+    a: Profile, b: Profile, sections: tuple[str, ...] = ("data", "vqvae", "prior")
+) -> list[str]:
+    """``["vqvae.channels: [24, 48] != [8, 16]", ...]``: the :data:`ARCHITECTURE_KEYS` where ``a`` and ``b``
+    differ (empty: the same architecture)."""
+    da, db = a.model_dump(mode="json"), b.model_dump(mode="json")
+    out = []
+    for sec in sections:
+        for key in ARCHITECTURE_KEYS[sec]:
+            if da[sec][key] != db[sec][key]:
+                out.append(f"{sec}.{key}: {da[sec][key]} != {db[sec][key]}")
+    return out

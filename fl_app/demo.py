@@ -21,7 +21,7 @@ from fl_app.run_layout import RunLayout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["add_demo_parser", "run_demo", "sample_cohort"]
+__all__ = ["DP_FINETUNE", "add_demo_parser", "demo_checkpoint", "run_demo", "sample_cohort"]
 
 
 def sample_cohort(global_dir: Path, out_dir: Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -85,12 +85,19 @@ def _report(
     rows: list[dict[str, Any]],
     timings: dict[str, float],
     final_vqvae: dict[str, dict[str, float]] | None = None,
+    privacy: dict[str, Any] | None = None,
+    start: dict[str, Any] | None = None,
 ) -> Path:
     lines = ["# synthbrain demo report", ""]
     lines.append(
         f"Sites: {len(card['sites'])}, subjects: {card['num_subjects']} (images never left their site)."
     )
     lines.append("")
+    if start:
+        lines += [f"Started from: {start['init']}; trained parameters: VQ-VAE {start['trainable']['vqvae']}, "
+                  f"prior {start['trainable']['prior']} (the others stay the checkpoint's).", ""]  # fmt: skip
+    if privacy:
+        lines += _privacy_lines(privacy, final_vqvae or {}, (start or {}).get("checkpoint_vqvae") or {})
     lines.append("| site | subjects (train / val) |")
     lines.append("| --- | --- |")
     for s, c in card["sites"].items():
@@ -136,6 +143,55 @@ def _report(
     return path
 
 
+def _privacy_lines(
+    prep: dict[str, Any], final: dict[str, dict[str, float]], reference: dict[str, dict[str, float]]
+) -> list[str]:
+    """The report's privacy table: each site's ε (both jobs composed) beside the DP model's utility on its
+    validation split and the non-DP figure (the public checkpoint the DP fine-tune started from)."""
+    lines = ["## Differential privacy", ""]
+    head = "| site | ε (both jobs) | δ | VQ-VAE PSNR, DP (dB) | Dice, DP |"
+    ref = bool(reference)
+    if ref:
+        head += " PSNR without DP: public checkpoint (dB) | Dice, checkpoint |"
+    lines += [head, "| --- " * (head.count("|") - 1) + "|"]
+    for site, s in prep.get("sites", {}).items():
+        m, r = final.get(site, {}), reference.get(site, {})
+        row = (f"| {site} | {_fmt(s.get('total_epsilon'))} | {s.get('delta')} | {_fmt(m.get('psnr_db'))} | "
+               f"{_fmt(m.get('dice_mean'))} |")  # fmt: skip
+        if ref:
+            row += f" {_fmt(r.get('psnr_db'))} | {_fmt(r.get('dice_mean'))} |"
+        lines.append(row)
+    servers = {k: v for k, v in prep.get("server", {}).items() if v}
+    lines.append("")
+    if servers:
+        lines.append("Server-side DP-FedAvg (site-level ε): " + ", ".join(
+            f"{job} ε = {_fmt(v.get('epsilon'))}" for job, v in servers.items()) + ".")  # fmt: skip
+    else:
+        lines.append("No server-side noise (record-level DP-SGD at every site only; with a handful of sites "
+                     "server noise costs more than 1 dB, see docs/PRIVACY.md).")  # fmt: skip
+    return [*lines, ""]
+
+
+DP_FINETUNE = {"vqvae": ["decoder_last"], "prior": ["prior_last", "cond_embeddings"]}
+"""What ``demo --dp`` fine-tunes from a public checkpoint (``profile.finetune``; docs/PRIVACY.md)."""
+
+
+def demo_checkpoint(init: str, profile: str, overrides: dict[str, Any] | None) -> Path | None:
+    """The VQ-VAE file the demo starts from: ``auto`` = the package's checkpoint for ``profile`` when it ships
+    and no architecture overrides are given (``--tiny``), else none; ``pretrained`` / a path: that one (an
+    error names what is missing); ``scratch``: none."""
+    from fl_app.models.pretrained import resolve_init
+
+    if init == "auto":
+        if overrides:
+            return None
+        try:
+            return resolve_init("pretrained", "vqvae", profile)
+        except FileNotFoundError:
+            return None
+    return resolve_init(init, "vqvae", profile)
+
+
 def run_demo(
     out: str | Path = "runs/demo",
     n_sites: int = 3,
@@ -152,6 +208,8 @@ def run_demo(
     dp_epsilon: float = 4.0,
     epsilon_budget: float = 10.0,
     server_noise: float = 1.0,
+    init: str = "auto",
+    server_dp: bool | None = None,
 ) -> dict[str, Any]:
     """Run the demo end to end; returns a summary dict (also written to ``out/demo.json``).
 
@@ -159,6 +217,12 @@ def run_demo(
     budget ``epsilon_budget`` over both jobs, ledger in its cache) and the server aggregates with
     DP-FedAvg (noise multiplier ``server_noise``, adaptive clipping at the median); the per-site ε are
     printed and written to the model card (docs/PRIVACY.md).
+
+    ``init``: ``auto`` (the package's public checkpoint when it ships for ``profile`` and ``overrides`` is
+    empty, else scratch), ``pretrained``, a global-model directory / ``.pt`` file, or ``scratch``. From a
+    checkpoint the demo uses its profile, and with ``dp`` fine-tunes only :data:`DP_FINETUNE` under DP-SGD;
+    the report shows each site's ε beside the DP model's and the checkpoint's (no DP) utility.
+    ``server_dp``: DP-FedAvg on the server too (default: from scratch yes, from a checkpoint no).
     """
     from fl_app.config import load_profile, write_site_yaml
     from fl_app.data.simulate import simulate_sites
@@ -167,7 +231,20 @@ def run_demo(
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    prof = load_profile(profile, overrides)
+    ck = demo_checkpoint(init, profile, overrides)
+    start: dict[str, Any] | None = None
+    if ck is not None:
+        from fl_app.config import apply_overrides
+        from fl_app.models.pretrained import checkpoint_profile_dict
+
+        prof = apply_overrides(
+            checkpoint_profile_dict(ck), {"finetune": DP_FINETUNE} if dp else None, str(ck)
+        )
+        start = {"init": str(ck.parent), "trainable": prof.finetune.model_dump()}
+        print(f"      starting from the public checkpoint {ck.parent}", flush=True)
+    else:
+        prof = load_profile(profile, overrides)
+    server_dp = (ck is None) if server_dp is None else server_dp
     timings: dict[str, float] = {}
     t = time.perf_counter()
     print(f"[1/5] simulating {n_sites} sites × {subjects_per_site} subjects ...", flush=True)
@@ -187,16 +264,20 @@ def run_demo(
     clients = [p.name for p in sites]
     common = dict(profile=prof.model_dump(mode="json"), clients=clients, site_config_dir=cfg_dir, seed=seed)
     if dp:
+        common.update(dp_epsilon=dp_epsilon)
+    if dp and server_dp:
         from fl_app.privacy.dp_fedavg import dp_fedavg_strategy
 
         strategy, sargs = dp_fedavg_strategy(server_noise, clip=1.0, target_quantile=0.5)
-        common.update(dp_epsilon=dp_epsilon, strategy_path=strategy, strategy_args=sargs)
+        common.update(strategy_path=strategy, strategy_args=sargs)
+    if ck is not None:
+        start["checkpoint_vqvae"] = final_vqvae_on_sites(ck, cfg_dir, clients)  # the no-DP starting point
     t = time.perf_counter()
     print(
         f"[2/5] federated VQ-VAE job: {vqvae_rounds} rounds on {len(clients)} sites (NVFlare simulator) ...",
         flush=True,
     )
-    run_job("vqvae", "sim", out, num_rounds=vqvae_rounds, max_steps=vqvae_steps, **common)
+    run_job("vqvae", "sim", out, num_rounds=vqvae_rounds, max_steps=vqvae_steps, init=str(ck or ""), **common)
     timings["vqvae_job"] = time.perf_counter() - t
     t = time.perf_counter()
     final_vqvae = final_vqvae_on_sites(RunLayout(out).global_file("vqvae"), cfg_dir, clients)
@@ -208,11 +289,13 @@ def run_demo(
     timings["vqvae_evaluation"] = time.perf_counter() - t
     t = time.perf_counter()
     print(f"[3/5] federated prior job: {prior_rounds} rounds (codes computed at each site) ...", flush=True)
-    run_job("prior", "sim", out, num_rounds=prior_rounds, max_steps=prior_steps, **common)
+    prior_init = str(ck.parent) if ck is not None and (ck.parent / "prior.pt").is_file() else ""
+    run_job("prior", "sim", out, num_rounds=prior_rounds, max_steps=prior_steps, init=prior_init, **common)
     timings["prior_job"] = time.perf_counter() - t
     t = time.perf_counter()
     print("[4/5] global model, model card, MONAI bundle ...", flush=True)
     gdir = write_global_model(out)
+    prep = None
     if dp:
         from fl_app.privacy.report import attach_to_model_card, format_report, privacy_report
 
@@ -231,7 +314,7 @@ def run_demo(
     rows = sample_cohort(gdir, out / "cohort", n_samples, seed)
     timings["sample"] = time.perf_counter() - t
     card = json.loads((gdir / "model_card.json").read_text())
-    report = _report(out, card, rows, timings, final_vqvae)
+    report = _report(out, card, rows, timings, final_vqvae, prep, start)
     summary = {"out": str(out), "global": str(gdir), "bundle": str(gdir / "bundle"), "cohort": str(out / "cohort"),
                "report": str(report), "final_vqvae": final_vqvae, "timings_s": timings,
                "total_s": sum(timings.values())}  # fmt: skip
@@ -267,6 +350,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         dp=args.dp,
         dp_epsilon=args.dp_epsilon,
+        init=args.init,
+        server_dp=args.server_dp,
     )
     return 0
 
@@ -289,7 +374,22 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--samples", type=int, default=4, help="synthetic subjects to sample")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="32³ volumes and tiny networks (tests, smoke runs)")
-    p.add_argument("--dp", action="store_true", help="DP-SGD at every site + DP-FedAvg on the server")
+    p.add_argument(
+        "--dp", action="store_true", help="DP-SGD at every site (+ DP-FedAvg on the server, --server-dp)"
+    )
     p.add_argument("--dp-epsilon", type=float, default=4.0, help="--dp: target ε per job at each site")
+    p.add_argument(
+        "--init",
+        default="auto",
+        metavar="auto|pretrained|PATH|scratch",
+        help="initial model (auto: the package's public checkpoint when it ships and --tiny is not given); "
+        "with --dp a checkpoint is fine-tuned on a few parameters only",
+    )
+    p.add_argument(
+        "--server-dp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--dp: DP-FedAvg on the server as well (default: from scratch yes, from a checkpoint no)",
+    )
     p.set_defaults(func=_cmd_demo)
     return p

@@ -86,6 +86,11 @@ def _job_summary(ckpt: dict[str, Any], job: dict[str, Any] | None) -> dict[str, 
             for r in hist
         ],
         "job": {k: v for k, v in (job or {}).items() if k not in ("profile",)},
+        # where the job started (public checkpoint or scratch) and which parameters it trained
+        "init": (job or {}).get("init") or "scratch",
+        "trainable": (((job or {}).get("profile") or {}).get("finetune") or {}).get(
+            (job or {}).get("kind", ""), ["all"]
+        ),
     }
 
 

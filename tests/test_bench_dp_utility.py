@@ -64,3 +64,49 @@ def test_settings_are_step_matched_and_accounted(report) -> None:
 def test_unknown_setting_is_refused() -> None:
     with pytest.raises(SystemExit, match="unknown settings"):
         dpu.run(_args("--settings", "dp_sgd_eps3"))
+
+
+TINY_BENCH = {  # what --tiny sets (bench/dp_utility.py), for a tiny stand-in checkpoint
+    "data": {"shape": [32, 32, 32], "spacing": [5.0, 5.0, 5.0]},
+    "vqvae": {"channels": [8, 16], "num_res_channels": [8, 16], "num_embeddings": 32, "embedding_dim": 8},
+    "prior": {"d_model": 32, "n_layers": 1, "n_heads": 2},
+    "train": {"batch_size": 2, "lr": 0.003},
+}
+
+
+def test_fine_tuning_arms_from_a_checkpoint_and_many_site_dp_fedavg(tmp_path) -> None:
+    """``--init`` a checkpoint: ``initial`` is the checkpoint's own held-out PSNR, a subset arm trains and
+    accounts only its trainable parameters at the target ε, and the many-site DP-FedAvg rows meet the
+    site-level ε with q = m / N."""
+    import torch
+
+    from fl_app.config import load_profile
+    from fl_app.models.finetune import trainable_names
+    from fl_app.models.vqvae import build_vqvae, save_vqvae
+
+    prof = load_profile("cpu-demo", TINY_BENCH)
+    torch.manual_seed(5)
+    save_vqvae(build_vqvae(prof, dp=True), prof, tmp_path / "vqvae.pt")  # a VQ-VAE-only checkpoint directory
+    rep = dpu.run(dpu.parse_args(
+        ["--init", str(tmp_path), "--sites", "2", "--subjects", "3", "--held-subjects", "2", "--rounds", "1",
+         "--steps", "2", "--no-prior", "--arms", "last", "--epsilons", "8", "--settings", "dp_sgd_eps8_last",
+         "--fedavg-sites", "3", "--fedavg-per-round", "2", "--fedavg-pool", "4", "--fedavg-subjects", "2",
+         "--fedavg-rounds", "1", "--fedavg-steps", "1"]
+    ))  # fmt: skip
+    assert rep["init"] == str((tmp_path / "vqvae.pt").resolve()) and rep["prior_init"] == "scratch"
+    res = rep["results"]
+    assert set(res) == {"no_dp", "dp_sgd_eps8_last"}
+    n_last = sum(p.numel() for n, p in build_vqvae(prof).named_parameters()
+                 if n in trainable_names(build_vqvae(prof), ["decoder_last"]))  # fmt: skip
+    acct = res["dp_sgd_eps8_last"]["vqvae_privacy"]
+    assert acct["trainable"] == ["decoder_last"] and acct["trainable_parameters"] == n_last
+    assert res["no_dp"]["vqvae_privacy"]["trainable_parameters"] > n_last
+    assert 7.9 <= acct["site_epsilon"] <= 8.0 + 1e-6
+    assert res["no_dp"]["psnr_gain_over_initial_db"] == pytest.approx(
+        res["no_dp"]["vqvae_psnr_db"] - rep["initial"]["vqvae_psnr_db"]
+    )
+    (row,) = rep["dp_fedavg_sites"]
+    assert (row["sites"], row["per_round"], row["sample_rate"]) == (3, 2, pytest.approx(2 / 3))
+    assert 7.9 <= row["site_level_epsilon"] <= 8.0 + 1e-6
+    assert row["epsilon_without_sampling"] >= row["site_level_epsilon"]
+    assert row["cost_db"] == pytest.approx(row["no_noise_psnr_db"] - row["psnr_db"])

@@ -78,3 +78,36 @@ def test_tiny_demo_with_dp_through_the_cli(tmp_path, capsys):
         <= desc["SynthbrainModel"]["PrivacyEpsilon"]
         <= max(s["total_epsilon"] for s in rep["sites"].values())
     )
+
+
+def test_demo_dp_fine_tunes_the_checkpoint_and_reports_epsilon_beside_the_non_dp_figure(tmp_path):
+    """``demo --dp --init CHECKPOINT``: the sites fine-tune only the DP subset (decoder_last; the prior's
+    last block and condition embeddings) with DP-SGD from the checkpoint, no server noise by default, and the
+    report puts each site's ε beside the DP model's PSNR and the checkpoint's (no DP) on the same split."""
+    from fl_app.config import load_profile
+    from fl_app.demo import DP_FINETUNE, final_vqvae_on_sites, run_demo
+    from tests.test_bench_dp_utility import TINY_BENCH
+    from tests.test_finetune import _checkpoint_dir
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    _checkpoint_dir(ck, load_profile("cpu-demo", TINY_BENCH))
+    out = tmp_path / "demo"
+    summary = run_demo(out, n_sites=2, subjects_per_site=4, vqvae_rounds=1, prior_rounds=1, vqvae_steps=2,
+                       prior_steps=2, n_samples=1, dp=True, dp_epsilon=3.0, init=str(ck))  # fmt: skip
+    card = json.loads((out / "global" / "model_card.json").read_text())
+    assert card["jobs"]["vqvae"]["init"] == str(ck / "vqvae.pt") and card["jobs"]["prior"]["init"] == str(ck)
+    for job in ("vqvae", "prior"):
+        assert card["jobs"][job]["trainable"] == DP_FINETUNE[job]
+        assert card["jobs"][job]["aggregation"]["name"] == "fedavg"  # no server noise from a checkpoint
+    rep = json.loads((out / "privacy_report.json").read_text())
+    text = (out / "report.md").read_text()
+    assert f"Started from: {ck}" in text and "## Differential privacy" in text
+    reference = final_vqvae_on_sites(ck / "vqvae.pt", out / "site_configs", sorted(rep["sites"]))
+    for site, s in rep["sites"].items():
+        assert 2.9 <= s["jobs"]["vqvae"]["epsilon"] <= 3.0
+        psnr = summary["final_vqvae"][site]["psnr_db"]
+        row = next(
+            line for line in text.splitlines() if line.startswith(f"| {site} | {s['total_epsilon']:.3f}")
+        )
+        assert f"{psnr:.3f}" in row and f"{reference[site]['psnr_db']:.3f}" in row

@@ -43,6 +43,8 @@ __all__ = [
     "apply_compute",
     "client_rounds",
     "data_health_metrics",
+    "exported_state",
+    "freeze_for_job",
     "main",
     "open_site_dataset",
     "planned_steps",
@@ -112,6 +114,7 @@ class Task:
 
     kind = ""
     exclude_prefix: str | None = None  # received weights under this prefix are not the model's
+    exported: list[str] | None = None  # the tensors sent back (None: all; else profile.finetune's trainable)
     untracked: frozenset[str] = frozenset()  # metrics not sent to TensorBoard
 
     def __init__(
@@ -154,6 +157,7 @@ class VQVAETask(Task):
         self.n_train, self.n_val = len(train_part.dataset), len(self.val_loader.dataset)
         self.train_loader = make_vqvae_loader(train_part.dataset, bs, shuffle=True, seed=args.seed + rnd)
         self.model = build_vqvae(profile, dp=cfg.privacy.enabled)  # DP-SGD refuses a quantiser not DP-safe
+        self.exported = freeze_for_job(self.model, profile.finetune.vqvae, "vqvae")
         self.optimizer = make_optimizer(self.model, profile)
 
     def net(self) -> torch.nn.Module:
@@ -231,6 +235,7 @@ class PriorTask(Task):
         self.train_loader = make_prior_loader(codes.subset(train_idx), bs, shuffle=True, seed=args.seed)
         self.val_loader = make_prior_loader(codes.subset(val_idx), bs, shuffle=False) if val_idx else None
         self.model = build_prior(profile).to(self.device)
+        self.exported = freeze_for_job(self.model, profile.finetune.prior, "prior")
         self.optimizer = make_prior_optimizer(self.model, profile.train.lr)
 
     def net(self) -> torch.nn.Module:
@@ -339,10 +344,46 @@ def client_rounds(flare: Any, task: Task, args: argparse.Namespace, cfg: SiteCon
         for k, v in metrics.items():
             if math.isfinite(v) and k not in task.untracked:
                 writer.add_scalar(k, v, global_step=rnd)
-        delta = state_delta(net.state_dict(), received)
+        delta = state_delta(*exported_state(net.state_dict(), received, task.exported, site_name))
         meta = {NUM_SAMPLES_KEY: n_weight}
         flare.send(FLModel(params=delta, params_type=ParamsType.DIFF, metrics=metrics, meta=meta))
     return 0
+
+
+def freeze_for_job(model: torch.nn.Module, items: list[str], kind: str) -> list[str] | None:
+    """Apply the job's ``profile.finetune.<kind>`` to a freshly built model (before its optimiser and
+    Opacus see it): the frozen parameters get ``requires_grad = False``. Returns the names the site will send
+    (None: a whole-model job sends every tensor)."""
+    from fl_app.models.finetune import apply_trainable, exported_names
+
+    names = exported_names(model, items, kind)
+    if names is not None:
+        apply_trainable(model, items, kind)
+        log.info("%s job: fine-tuning %d of %d parameter tensors (%s)", kind, len(names),
+                 len(list(model.parameters())), ", ".join(items))  # fmt: skip
+    return names
+
+
+def exported_state(
+    new: Mapping[str, torch.Tensor],
+    received: Mapping[str, torch.Tensor],
+    exported: list[str] | None,
+    site: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(new, received)`` restricted to the tensors a site sends. With a declared trainable subset, every
+    other tensor must still be byte-identical to what the site received (the public checkpoint's value):
+    otherwise nothing is sent (``RuntimeError``)."""
+    if exported is None:
+        return dict(new), dict(received)
+    from fl_app.models.finetune import frozen_changes
+
+    changed = frozen_changes(new, received, exported)
+    if changed:
+        raise RuntimeError(
+            f"site {site}: frozen tensors changed during local training ({', '.join(changed[:5])}); "
+            "the update is not sent"
+        )
+    return {k: new[k] for k in exported}, {k: received[k] for k in exported}
 
 
 def planned_steps(args: argparse.Namespace, cfg: SiteConfig, loader_len: int) -> tuple[int | None, int]:

@@ -111,6 +111,7 @@ def federate(
     steps: int,
     strategy: AggregationStrategy | None = None,
     on_round: RoundCallback | None = None,
+    exported: Sequence[str] | None = None,
 ) -> FederationResult:
     """Run ``rounds`` federated rounds of ``steps`` local steps per site from the global ``state``.
 
@@ -123,6 +124,8 @@ def federate(
         strategy: the server's aggregation strategy (default sample-weighted FedAvg).
         on_round: called after each round's aggregation with the new global state (e.g. to evaluate it
             on held-out data); an exception it raises stops the federation and propagates.
+        exported: the tensors a site sends (a fine-tune's trainable subset, ``profile.finetune``); None:
+            all of them. The others stay as in ``state``.
     """
     if kind not in ("vqvae", "prior"):
         raise ValueError(f"kind must be vqvae or prior, got {kind!r}")
@@ -130,6 +133,7 @@ def federate(
 
     strategy = strategy or FedAvgStrategy("samples")
     state = {k: v.detach().clone() for k, v in state.items()}
+    keys = list(exported) if exported is not None else list(state)
     for rnd in range(rounds):
         updates = []
         for site in sites:
@@ -148,12 +152,15 @@ def federate(
                 site.dp.record_round(rnd)  # on the ledger before the update "leaves" the site
                 n = 1  # the sampled count is data-dependent: uniform weight, as the client sends
             new = net.state_dict()
-            delta = {k: (new[k].detach().cpu() - state[k]).numpy() for k in state}
+            delta = {k: (new[k].detach().cpu() - state[k]).numpy() for k in keys}
             final = {k: float(v) for k, v in res.get("final", {}).items() if isinstance(v, (int, float))}
             updates.append(ClientUpdate(site.name, delta, max(int(n), 1), metrics=final))
         if updates:  # every site refused: the global model stays as it is (as the server does)
             agg = strategy.aggregate(updates, rnd)
-            state = {k: state[k] + torch.as_tensor(np.asarray(agg[k])).to(state[k].dtype) for k in state}
+            state = {
+                k: state[k] + torch.as_tensor(np.asarray(agg[k])).to(state[k].dtype) if k in agg else state[k]
+                for k in state
+            }
         if on_round is not None:
             on_round(rnd, state, updates)
     return FederationResult(

@@ -13,6 +13,10 @@ came out of the DP mechanism.
   underlying optimiser's state at the start of each round: the audit can then *replay* the round from
   the received weights and these released gradients alone and must obtain exactly the update that was
   sent (:func:`replay_round`).
+* :func:`finetune_release_problems`: for a job that fine-tunes a declared subset from the public checkpoint
+  (``profile.finetune``): every tensor that left the site is in the subset and was optimised by the DP
+  optimiser (so the accountant covers it), and every frozen tensor the site holds is byte-identical to the
+  checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ from nvflare.apis.filter import Filter
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-__all__ = ["AUDIT_ENV", "ResultAuditFilter", "enable_optimizer_audit", "replay_round"]
+__all__ = [
+    "AUDIT_ENV",
+    "ResultAuditFilter",
+    "enable_optimizer_audit",
+    "finetune_release_problems",
+    "replay_round",
+]
 
 AUDIT_ENV = "SYNTHBRAIN_DP_AUDIT_DIR"
 
@@ -181,6 +191,45 @@ def replay_round(received: dict[str, torch.Tensor], record: dict[str, Any]) -> d
     out = {k: v.detach().clone() for k, v in received.items()}
     out.update({k: p.detach().clone() for k, p in params.items()})
     return out
+
+
+def finetune_release_problems(
+    sent: dict[str, Any],
+    received: dict[str, torch.Tensor],
+    checkpoint: dict[str, torch.Tensor],
+    trainable: list[str],
+    record: dict[str, Any] | None = None,
+) -> list[str]:
+    """What is wrong with one round's release of a fine-tuning job (empty list: nothing).
+
+    Args:
+        sent: the tensors the site sent (a :class:`ResultAuditFilter` record's ``dxo["data"]``).
+        received: the global model the site received that round (``{name: tensor}``).
+        checkpoint: the public checkpoint the job started from (``{name: tensor}``).
+        trainable: the job's declared trainable parameter names.
+        record: the round's :func:`enable_optimizer_audit` record (DP sites): every sent tensor must be one
+            the DP optimiser updated, i.e. one the accountant covers.
+
+    Returns:
+        one line per problem: a tensor outside the subset left the site; a sent tensor was not optimised by
+        the DP optimiser; a frozen tensor differs (in bytes, dtype or shape) from the checkpoint.
+    """
+    keep = set(trainable)
+    problems = [
+        f"{k}: left the site but is not a declared trainable tensor" for k in sorted(set(sent) - keep)
+    ]
+    if record is not None:
+        covered = set(record["param_order"])
+        problems += [f"{k}: sent but not updated by the DP optimiser (not covered by the accountant)"
+                     for k in sorted(set(sent) - covered)]  # fmt: skip
+    for k, v in received.items():
+        if k in keep:
+            continue
+        ref = checkpoint.get(k)
+        t = torch.as_tensor(v)
+        if ref is None or ref.dtype != t.dtype or ref.shape != t.shape or not torch.equal(ref.cpu(), t.cpu()):
+            problems.append(f"{k}: frozen but not byte-identical to the checkpoint")
+    return problems
 
 
 def audit_dir() -> str | None:

@@ -41,7 +41,7 @@ from nvflare.apis.dxo import DataKind
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe as PTFedAvgRecipe
 from nvflare.recipe.utils import add_experiment_tracking
 
-from fl_app.config import add_set_args, load_profile
+from fl_app.config import Profile, add_set_args, load_profile
 from fl_app.fl.launcher import recipe_launch_args
 from fl_app.fl.server import SynthAggregator, SynthFedAvg, SynthPersistor
 from fl_app.privacy.aggregation import DEFAULT_STRATEGY
@@ -55,6 +55,7 @@ __all__ = [
     "SynthFedAvgRecipe",
     "add_fl_parser",
     "build_recipe",
+    "job_profile",
     "list_site_configs",
     "run_job",
 ]
@@ -116,6 +117,9 @@ class JobSpec:
         dp: the job is for sites running DP-SGD: the server refuses a VQ-VAE quantiser that is not DP-safe.
         dp_epsilon: target ε of this job at each site running local DP-SGD (the site's YAML decides
             whether DP is on, and its ``epsilon_budget`` caps the total; None: the site's ``job_epsilon``).
+        init: what the initial global model is: ``"pretrained"`` (the package's checkpoint for the profile),
+            a server-side global-model directory or ``.pt`` file, or ``""`` (random: ``scratch``); the
+            checkpoint's architecture must equal the profile's.
         run_name: run name recorded in the sites' privacy ledgers.
         strategy_path, strategy_args: the server aggregation strategy.
         name: NVFlare job name.
@@ -137,6 +141,7 @@ class JobSpec:
     seed: int = 0
     dp: bool = False
     dp_epsilon: float | None = None
+    init: str = ""
     run_name: str = ""
     strategy_path: str = DEFAULT_STRATEGY
     strategy_args: dict[str, Any] = field(default_factory=dict)
@@ -187,6 +192,7 @@ def build_recipe(
         frozen_vqvae=str(spec.frozen_vqvae),
         dp=spec.dp,
         seed=spec.seed,
+        init=spec.init,
     )
     recipe = SynthFedAvgRecipe(
         name=spec.name or f"synthbrain-{spec.kind}",
@@ -324,14 +330,45 @@ def run_job(
     return out
 
 
+def job_profile(
+    kind: str, profile: str | None, overrides: dict[str, Any] | list[str], init: str = ""
+) -> Profile:
+    """The profile of a job: ``profile`` (name or YAML) with the overrides (nested, as
+    :func:`fl_app.config.overrides_from_args` reads ``--set-file``/``--set``, or ``KEY=VALUE`` items); when the
+    job starts from a checkpoint and no ``profile`` is given, the checkpoint's own profile (it travels with the
+    weights) with the overrides. A checkpoint whose architecture differs from the result is an error naming
+    the keys."""
+    from fl_app.config import apply_overrides, parse_overrides
+    from fl_app.models.pretrained import check_init_architecture, checkpoint_profile_dict, resolve_init
+
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    path = None
+    if init and (init == "pretrained" or Path(init).exists()):  # prod: a server-side path stays unread here
+        path = resolve_init(init, kind, profile or "cpu-demo")
+    if path is not None and profile is None:
+        prof = apply_overrides(checkpoint_profile_dict(path), overrides, source=str(path))
+    else:
+        prof = load_profile(profile or "cpu-demo", overrides)
+    if path is not None and kind == "vqvae":  # the prior job's profile is the frozen VQ-VAE's (server side)
+        check_init_architecture(path, kind, prof)
+    return prof
+
+
 def _job_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The :class:`JobSpec` fields of ``fl run`` / ``fl export`` flags; ``--batch-size`` / ``--lr`` are
     ``--set train.batch_size=`` / ``train.lr=`` (local work is the profile's, which travels with the model)."""
     from fl_app.config import overrides_from_args
 
     sugar = [f"train.{k}={v}" for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None]
+    init = "" if args.init in (None, "scratch") else args.init
+    if init and init != "pretrained" and Path(init).exists():
+        init = str(Path(init).resolve())
     return dict(
-        profile=load_profile(args.profile, overrides_from_args(args, extra=sugar)).model_dump(mode="json"),
+        profile=job_profile(args.job, args.profile, overrides_from_args(args, extra=sugar), init).model_dump(
+            mode="json"
+        ),
+        init=init,
         num_rounds=args.rounds, min_sites=args.min_sites, round_timeout=args.round_timeout,
         memory_gc_rounds=args.memory_gc_rounds, local_epochs=args.local_epochs, max_steps=args.max_steps,
         seed=args.seed, dp=args.dp_model, dp_epsilon=args.dp_epsilon, checkpoint_dir=args.checkpoint_dir,
@@ -441,8 +478,19 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", choices=["vqvae", "prior"])
     p.add_argument("--run", default="fl", help="run name: results under <runs>/<run>/")
     p.add_argument("--runs", default="runs", help="runs folder (default ./runs)")
-    p.add_argument("--profile", default="cpu-demo")
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="profile name or YAML (default: the --init checkpoint's own profile, else cpu-demo)",
+    )
     add_set_args(p)
+    p.add_argument(
+        "--init",
+        default="scratch",
+        metavar="pretrained|PATH|scratch",
+        help="initial global model: the package's public checkpoint for the profile, a global-model directory "
+        "or .pt file (server-side path), or scratch (random, the default)",
+    )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument(
         "--min-sites",

@@ -70,7 +70,12 @@ def _to_torch(params: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def build_initial_state(
-    model_kind: str, profile: dict[str, Any], dp: bool = False, frozen_vqvae: str = "", seed: int = 0
+    model_kind: str,
+    profile: dict[str, Any],
+    dp: bool = False,
+    frozen_vqvae: str = "",
+    seed: int = 0,
+    init: str = "",
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Initial global weights and the profile the clients must build from.
 
@@ -80,6 +85,9 @@ def build_initial_state(
         dp: the job is for sites running DP-SGD: refuse a VQ-VAE quantiser that is not DP-safe.
         frozen_vqvae: prior job only: the global VQ-VAE file of the first job (``global_vqvae.pt``).
         seed: torch seed of the initialisation.
+        init: ``"pretrained"``, a global-model directory or a ``.pt`` file (VQ-VAE or prior; see
+            :func:`fl_app.models.pretrained.resolve_init`) whose weights are the initial global model; its architecture must equal the job profile's (else
+            :class:`~fl_app.config.ConfigError` naming the differing keys). ``""``: random (``scratch``).
 
     Returns:
         ``(params, profile_dict)``: params ``{name: array}``; for the prior, the prior's weights plus the
@@ -94,6 +102,13 @@ def build_initial_state(
 
         prof = profile_from_dict(profile, source="job profile")
         model = build_vqvae(prof, dp=dp)
+        if init:
+            from fl_app.models.pretrained import check_init_architecture, resolve_init
+            from fl_app.models.vqvae import load_vqvae
+
+            path = resolve_init(init, "vqvae", prof.name)
+            check_init_architecture(path, "vqvae", prof)
+            model.load_state_dict(load_vqvae(path)[0].state_dict())
         return _to_numpy(model.state_dict()), prof.model_dump(mode="json")
     if model_kind == "prior":
         from fl_app.models.prior import build_prior
@@ -106,8 +121,18 @@ def build_initial_state(
         for section in ("prior", "train"):
             if section in profile:
                 merged[section] = profile[section]
+        for section in ("finetune",):
+            if section in profile:
+                merged[section] = profile[section]
         prof = profile_from_dict(merged, source="prior job profile")
         prior = build_prior(prof)
+        if init:
+            from fl_app.models.pretrained import check_init_architecture, resolve_init
+            from fl_app.models.prior import load_prior
+
+            path = resolve_init(init, "prior", prof.name)
+            check_init_architecture(path, "prior", prof)
+            prior.load_state_dict(load_prior(path)[0].state_dict())
         params = _to_numpy(prior.state_dict())
         params.update({FROZEN_PREFIX + k: v for k, v in _to_numpy(vq.state_dict()).items()})
         return params, prof.model_dump(mode="json")
@@ -146,6 +171,8 @@ class SynthPersistor(ModelPersistor):
         frozen_vqvae: prior job: path of the first job's ``global_vqvae.pt`` on the server.
         dp: the VQ-VAE is built for DP training (loss-learned codebook).
         seed: initialisation seed.
+        init: ``"pretrained"`` or a server-side global-model directory / ``.pt`` file the initial global
+            model is read from (``""``: random init, ``scratch``).
     """
 
     def __init__(
@@ -156,8 +183,10 @@ class SynthPersistor(ModelPersistor):
         frozen_vqvae: str = "",
         dp: bool = False,
         seed: int = 0,
+        init: str = "",
     ) -> None:
         super().__init__()
+        self.init = init
         self.model_kind = model_kind
         self.profile = profile or {}
         self.checkpoint_dir = checkpoint_dir
@@ -200,8 +229,11 @@ class SynthPersistor(ModelPersistor):
         frozen = self.frozen_vqvae
         if frozen and not Path(frozen).is_absolute():
             frozen = str(Path(os.getcwd()) / frozen)
-        params, profile = build_initial_state(self.model_kind, self.profile, self.dp, frozen, self.seed)
-        self.log_info(fl_ctx, f"initial {self.model_kind} model: {len(params)} tensors")
+        params, profile = build_initial_state(
+            self.model_kind, self.profile, self.dp, frozen, self.seed, init=self.init
+        )
+        source = f"from {self.init}" if self.init else "random (scratch)"
+        self.log_info(fl_ctx, f"initial {self.model_kind} model: {len(params)} tensors, {source}")
         meta = {
             "last_round": -1,
             "history": [],

@@ -9,8 +9,17 @@ held-out metrics and the SHA-256 of each weights file.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-__all__ = ["PRETRAINED_ROOT", "pretrained_dir", "pretrained_vqvae_path"]
+__all__ = [
+    "PRETRAINED_ROOT",
+    "check_init_architecture",
+    "checkpoint_profile_dict",
+    "pretrained_dir",
+    "pretrained_vqvae_path",
+    "resolve_init",
+]
+
 
 PRETRAINED_ROOT = Path(__file__).resolve().parent.parent / "pretrained"
 
@@ -28,3 +37,59 @@ def pretrained_dir(profile: str = "cpu-demo") -> Path:
 
 def pretrained_vqvae_path(profile: str = "cpu-demo") -> Path:
     return pretrained_dir(profile) / "vqvae.pt"
+
+
+def resolve_init(init: str | Path | None, kind: str, profile: str = "cpu-demo") -> Path | None:
+    """The ``kind`` (``"vqvae"`` / ``"prior"``) weights file a job starts from, or None for ``scratch``.
+
+    Args:
+        init: ``"pretrained"`` (the package's ``fl_app/pretrained/<profile>/``), a global-model directory
+            (its ``<kind>.pt``), a ``.pt`` file, or ``"scratch"`` / None / ``""``.
+        kind: the job's model.
+        profile: the profile name ``pretrained`` is looked up by.
+
+    Raises:
+        FileNotFoundError: naming the path that is missing (the package ships no checkpoint, the directory
+            has no ``<kind>.pt``, the file does not exist).
+    """
+    if init is None or str(init) in ("", "scratch"):
+        return None
+    if kind not in ("vqvae", "prior"):
+        raise ValueError(f"kind must be vqvae or prior, got {kind!r}")
+    d = pretrained_dir(profile) if str(init) == "pretrained" else Path(init)
+    path = d / f"{kind}.pt" if d.is_dir() else d
+    if not path.is_file():
+        where = f"{d} has no {kind}.pt" if d.is_dir() else f"{path} does not exist"
+        raise FileNotFoundError(
+            f"--init {init}: {where} (give a global-model directory or a {kind} .pt file)"
+        )
+    return path.resolve()
+
+
+def checkpoint_profile_dict(path: str | Path) -> dict[str, Any]:
+    """The profile stored in a VQ-VAE / prior ``.pt`` (or a global-model directory's ``vqvae.pt``)."""
+    import torch
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "vqvae.pt"
+    payload = torch.load(p, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or not isinstance(payload.get("profile"), dict):
+        raise ValueError(f"{p}: not a synthbrain checkpoint (no profile inside)")
+    return payload["profile"]
+
+
+def check_init_architecture(path: str | Path, kind: str, job_profile: Any) -> None:
+    """Raise :class:`~fl_app.config.ConfigError` naming every architecture key where the checkpoint at
+    ``path`` and the job's :class:`~fl_app.config.Profile` differ (see :data:`fl_app.config.ARCHITECTURE_KEYS`)."""
+    from fl_app.config import ConfigError, architecture_diff, profile_from_dict
+
+    ck = profile_from_dict(checkpoint_profile_dict(path), source=str(path))
+    sections = ("data", "vqvae") if kind == "vqvae" else ("data", "vqvae", "prior")
+    diff = architecture_diff(ck, job_profile, sections)
+    if diff:
+        raise ConfigError(
+            f"{path}: the checkpoint's architecture differs from the job's profile (checkpoint != job): "
+            + "; ".join(diff)
+            + ". Start the job from the checkpoint's own profile (drop --profile / these --set keys)."
+        )

@@ -122,8 +122,10 @@ def make_prior_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: in
 
 
 def make_prior_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW over all parameters (no decay by default: keeps every parameter's update DP-clean)."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    """AdamW over the trainable parameters (``requires_grad``; see :mod:`fl_app.models.finetune`); no decay
+    by default: keeps every parameter's update DP-clean."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
 
 
 def _unpack(

@@ -180,10 +180,11 @@ def vqvae_loss(
 
 
 def make_optimizer(model: nn.Module, profile: Profile, lr: float | None = None) -> torch.optim.Optimizer:
-    """Adam at ``lr``, else ``vqvae.lr``, else ``train.lr`` (Opacus wraps it in a DPOptimizer for DP)."""
+    """Adam at ``lr``, else ``vqvae.lr``, else ``train.lr``, over the trainable parameters (those with
+    ``requires_grad``; see :mod:`fl_app.models.finetune`); Opacus wraps it in a DPOptimizer for DP."""
     if lr is None:
         lr = profile.vqvae.lr if profile.vqvae.lr is not None else profile.train.lr
-    return torch.optim.Adam(model.parameters(), lr=lr)
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
 
 
 def build_discriminator(profile: Profile, channels: int = 32, num_layers: int = 3) -> nn.Module:
