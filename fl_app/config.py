@@ -208,6 +208,20 @@ class PriorSection(_Strict):
     linear_chunk: int = Field(
         64, gt=0, description="Chunk length of the pure-PyTorch causal linear attention."
     )
+    cond_every_position: bool = Field(
+        False,
+        description="Besides the prefix, add the condition (a learned projection of the three prefix "
+        "embeddings, zero at initialisation) to every code position's input: a direct path from the "
+        "covariates to each prediction instead of one only through attention to the prefix.",
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear learning-rate warm-up over an optimiser's first steps (as vqvae's)."
+    )
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="After the warm-up: a constant rate, or a half cosine down to 10 % of it over a run's "
+        "step budget (--max-steps; central runs; federated rounds stay constant).",
+    )
 
     @model_validator(mode="after")
     def _heads(self) -> PriorSection:
@@ -241,7 +255,7 @@ FINETUNE_PRESETS: dict[str, tuple[str, ...]] = {
     # prior (transformer)
     "norms": ("*.ln1.*", "*.ln2.*", "ln_f.*"),
     "prior_last": ("blocks.{last}.*", "ln_f.*", "head.*"),
-    "cond_embeddings": ("age_emb.*", "sex_emb.*", "dx_emb.*"),
+    "cond_embeddings": ("age_emb.*", "sex_emb.*", "dx_emb.*", "cond_proj.*"),
 }
 """Named subsets of a model's parameters for fine-tuning (``finetune.vqvae`` / ``finetune.prior``); each is a
 list of ``fnmatch`` patterns over parameter names (``{last}``: the index of the prior's last block)."""
@@ -707,7 +721,7 @@ ARCHITECTURE_KEYS: dict[str, tuple[str, ...]] = {
     "vqvae": ("channels", "num_res_layers", "num_res_channels", "num_embeddings", "embedding_dim", "quantiser",
               "fsq_levels", "joint_labels", "codebook_normalize"),
     "prior": ("d_model", "n_layers", "n_heads", "attention", "ordering", "ordering_seed", "age_range",
-              "age_frequencies", "mlp_ratio"),
+              "age_frequencies", "mlp_ratio", "cond_every_position"),
 }  # fmt: skip
 """The profile keys that fix a model's weights' meaning (grid, preprocessing, architecture): a checkpoint and
 the job that starts from it must agree on all of them."""

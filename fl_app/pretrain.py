@@ -9,7 +9,10 @@ test site uses (so the checkpoint carries no patient), or any BIDS folders given
 held-out metrics and the SHA-256 of each weights file, so the checkpoint can be reproduced and verified.
 
 Both stages save their latest weights after every epoch; ``--resume`` continues a stopped VQ-VAE stage from
-``OUT/vqvae/vqvae.pt``.
+``OUT/vqvae/vqvae.pt``, ``--prior-resume`` continues the prior from ``OUT/prior/prior.pt`` (e.g. with
+``--skip-vqvae`` and a longer schedule, or a prior section that adds ``prior.cond_every_position``). Each
+stage keeps its history (``pretrain_stages.json``: every command that trained it, its steps and wall time),
+and the model card lists them all.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ from fl_app.data.nifti import file_sha256
 __all__ = ["PRETRAIN_SEED", "add_pretrain_parser", "run_pretrain"]
 
 STAGES_FILE = "pretrain_stages.json"
-"""The VQ-VAE stage's history in ``OUT/vqvae/``: each pretrain command that trained it and its steps."""
+"""A stage's history in ``OUT/vqvae/`` or ``OUT/prior/``: each pretrain command that trained it and its steps."""
+
+SIMULATED_FILE = "simulated.json"
+"""Written into ``OUT/data/`` after simulating: the call's seed and sizes (a later run with the same reuses them)."""
 
 # Simulated-data seed reserved for the public checkpoint: demo, benches and tests use seeds below 2000.
 PRETRAIN_SEED = 7000
@@ -41,6 +47,27 @@ def _stage_args(add_parser: Any, argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="synthbrain train-local")
     add_parser(ap.add_subparsers(dest="model"))
     return ap.parse_args(argv)
+
+
+def _set_args(files: list[str] | None, pairs: list[str] | None) -> list[str]:
+    """``--set-file``/``--set`` options as a stage's argv (files first, as ``overrides_from_args`` reads them)."""
+    return [a for f in files or [] for a in ("--set-file", str(f))] + [
+        a for kv in pairs or [] for a in ("--set", kv)
+    ]
+
+
+def _record_stage(
+    stage_dir: Path, command: str, metrics: dict[str, Any], resumed: bool, earlier: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Append this command to ``stage_dir``'s history (a fresh run starts it; ``earlier`` seeds a resumed
+    stage that has no history file yet) and return the whole history."""
+    path = stage_dir / STAGES_FILE
+    stages = (json.loads(path.read_text()) if path.is_file() else list(earlier)) if resumed else []
+    stages.append(
+        {"command": command, "steps": metrics.get("steps"), "wall_seconds": metrics.get("train_seconds")}
+    )
+    path.write_text(json.dumps(stages, indent=2))
+    return stages
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
@@ -58,17 +85,24 @@ def run_pretrain(args: argparse.Namespace) -> int:
         sites = [Path(b) for b in args.bids]
         data: dict[str, Any] = {"source": "bids", "folders": [str(s) for s in sites]}
     else:
-        sites = simulate_sites(out / "data", args.sites, args.subjects_per_site, profile, seed=args.seed)
         data = {
             "source": "simulated (fl_app.data.simulate.simulate_sites)",
             "seed": args.seed,
             "sites": args.sites,
             "subjects_per_site": args.subjects_per_site,
         }
+        # simulation is deterministic: a resumed run reuses the folders an identical call wrote
+        marker = out / "data" / SIMULATED_FILE
+        if marker.is_file() and json.loads(marker.read_text()) == data:
+            sites = [out / "data" / f"site-{i + 1}" for i in range(args.sites)]
+            print(f"reusing the simulated sites in {out / 'data'} ({marker.name} matches)")
+        else:
+            marker.unlink(missing_ok=True)
+            sites = simulate_sites(out / "data", args.sites, args.subjects_per_site, profile, seed=args.seed)
+            marker.write_text(json.dumps(data, indent=2))
     bids = [a for s in sites for a in ("--bids", str(s))]
     common = ["--profile", args.profile, "--seed", str(args.train_seed), "--cache-dir", str(out / "cache")]
-    sets = [a for f in args.set_file or [] for a in ("--set-file", str(f))]
-    sets += [a for kv in args.set or [] for a in ("--set", kv)]
+    sets = _set_args(args.set_file, args.set)
     if args.batch_size:
         common += ["--batch-size", str(args.batch_size)]
 
@@ -88,7 +122,6 @@ def run_pretrain(args: argparse.Namespace) -> int:
         *budget(args.vqvae_steps, args.vqvae_minutes),
     ]
     command = "synthbrain " + " ".join(shlex.quote(a) for a in args.command_line)
-    stages_file = out / "vqvae" / STAGES_FILE
     resumed = args.resume and (out / "vqvae" / "vqvae.pt").is_file()
     if resumed:
         vq_argv += ["--init", str(out / "vqvae" / "vqvae.pt")]
@@ -96,17 +129,25 @@ def run_pretrain(args: argparse.Namespace) -> int:
         rc = run_train_local_vqvae(_stage_args(add_train_local_vqvae_parser, vq_argv))
         if rc:
             return rc
-        # the VQ-VAE's training history: a resumed run adds to it, a fresh one starts it
-        stages = json.loads(stages_file.read_text()) if resumed and stages_file.is_file() else []
         done = json.loads((out / "vqvae" / "metrics.json").read_text())
-        stages.append(
-            {"command": command, "steps": done.get("steps"), "wall_seconds": done.get("train_seconds")}
-        )
-        stages_file.write_text(json.dumps(stages, indent=2))
+        _record_stage(out / "vqvae", command, done, resumed, [])
     vq_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    prior_sets = [a for f in args.prior_set_file or [] for a in ("--set-file", str(f))]
-    prior_sets += [a for kv in args.prior_set or [] for a in ("--set", kv)]
+    prior_sets = _set_args(args.prior_set_file, args.prior_set)
+    prior_resumed = args.prior_resume and (out / "prior" / "prior.pt").is_file()
+    # a prior trained before stage histories existed: its history is the card its run wrote
+    old_card = out / "global" / "model_card.json"
+    earlier_prior: list[dict[str, Any]] = []
+    if prior_resumed and old_card.is_file():
+        c = json.loads(old_card.read_text())
+        pc = c.get("prior", {})
+        earlier_prior = pc.get("stages") or [
+            {
+                "command": c.get("command"),
+                "steps": pc.get("steps"),
+                "wall_seconds": c["wall_seconds"]["prior"],
+            }
+        ]
     pr_argv = [
         "prior",
         "--vqvae",
@@ -118,9 +159,13 @@ def run_pretrain(args: argparse.Namespace) -> int:
         str(out / "prior"),
     ]
     pr_argv += budget(args.prior_steps, args.prior_minutes)
+    if prior_resumed:
+        pr_argv += ["--init", str(out / "prior" / "prior.pt")]
     rc = run_train_local_prior(_stage_args(add_train_local_prior_parser, pr_argv))
     if rc:
         return rc
+    pr_metrics = json.loads((out / "prior" / "metrics.json").read_text())
+    pr_stages = _record_stage(out / "prior", command, pr_metrics, prior_resumed, earlier_prior)
     prior_seconds = time.perf_counter() - t0
 
     gdir = out / "global"
@@ -130,8 +175,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
     _, prof = load_prior(gdir / "prior.pt")
     (gdir / "profile.yaml").write_text(profile_to_yaml(prof))
     vq_metrics = json.loads((out / "vqvae" / "metrics.json").read_text())
-    vq_stages = json.loads(stages_file.read_text()) if stages_file.is_file() else []
-    pr_metrics = json.loads((out / "prior" / "metrics.json").read_text())
+    vq_stages_file = out / "vqvae" / STAGES_FILE
+    vq_stages = json.loads(vq_stages_file.read_text()) if vq_stages_file.is_file() else []
     card = {
         "name": f"synthbrain/pretrained-{args.profile}",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -139,7 +184,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
         "kind": "public pretrained checkpoint (central training, no federation, no patient data)",
         "command": command,
         # every command that trained these weights, in order (one unless the VQ-VAE stage was resumed)
-        "commands": [*dict.fromkeys([*(st["command"] for st in vq_stages), command])],
+        "commands": [*dict.fromkeys(st["command"] for st in [*vq_stages, *pr_stages])],
         "data": data,
         "profile": args.profile,
         "wall_seconds": {"total": time.perf_counter() - t_start, "vqvae": vq_seconds, "prior": prior_seconds},
@@ -152,7 +197,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
             "held_out": (vq_metrics.get("final") or {}).get("val", {}),
         },
         "prior": {
-            "steps": pr_metrics.get("steps"),
+            "steps": sum(int(st["steps"] or 0) for st in pr_stages),
+            "stages": pr_stages,
             "n_train": pr_metrics.get("n_train"),
             "n_val": pr_metrics.get("n_val"),
             "held_out": pr_metrics.get("val", {}),
@@ -202,6 +248,9 @@ def add_pretrain_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     add_set_args(p, help="prior.*/train.* override (the prior stage only)", dest="prior_set")
     p.add_argument("--resume", action="store_true", help="continue the VQ-VAE stage from OUT/vqvae/vqvae.pt")
     p.add_argument("--skip-vqvae", action="store_true", help="reuse OUT/vqvae/vqvae.pt as it is")
+    p.add_argument(
+        "--prior-resume", action="store_true", help="continue the prior stage from OUT/prior/prior.pt"
+    )
     p.add_argument("--ship", action="store_true", help="copy the result into fl_app/pretrained/<profile>/")
     p.set_defaults(func=run_pretrain)
     return p

@@ -59,6 +59,18 @@ def test_pretrain_writes_a_global_model_with_a_verifiable_card(tmp_path) -> None
     assert [st["steps"] for st in card["vqvae"]["stages"]] == [2, 3] and card["vqvae"]["steps"] == 5
     assert len(card["commands"]) == 2 and card["commands"][1].endswith("--resume")
     assert file_sha256(gdir / "vqvae.pt") == card["weights_sha256"]["vqvae.pt"]
+    # continuing the prior alone, with the condition added at every position: the same simulated data is
+    # reused (not rewritten), the VQ-VAE is untouched, and the prior's history grows
+    t1w = next((out / "data").rglob("*_T1w.nii.gz"))
+    mtime, vq_hash = t1w.stat().st_mtime_ns, card["weights_sha256"]["vqvae.pt"]
+    argv_prior = [*argv, "--skip-vqvae", "--prior-resume", "--prior-set", "prior.cond_every_position=true"]
+    assert main(argv_prior) == 0
+    card = json.loads((gdir / "model_card.json").read_text())
+    assert t1w.stat().st_mtime_ns == mtime
+    assert card["weights_sha256"]["vqvae.pt"] == vq_hash and card["vqvae"]["steps"] == 5
+    assert [st["steps"] for st in card["prior"]["stages"]] == [2, 2] and card["prior"]["steps"] == 4
+    assert card["commands"][-1].endswith("prior.cond_every_position=true") and len(card["commands"]) == 3
+    assert load_global_model(gdir, device="cpu").prior.cond_proj is not None
 
 
 def test_the_shipped_checkpoint_loads_and_matches_its_card() -> None:

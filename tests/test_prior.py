@@ -11,7 +11,14 @@ import torch
 from fl_app.config import PriorSection, load_profile
 from fl_app.data.covariates import UNKNOWN_DIAGNOSIS, UNKNOWN_SEX
 from fl_app.models import linear_attention as LA
-from fl_app.models.prior import ConditionalPrior, build_prior, load_prior, make_ordering, save_prior
+from fl_app.models.prior import (
+    ConditionalPrior,
+    build_prior,
+    load_prior,
+    load_prior_weights,
+    make_ordering,
+    save_prior,
+)
 
 V = 16
 SHAPE = (3, 3, 4)  # N = 36
@@ -63,10 +70,13 @@ def test_forward_shapes_and_wrong_grid():
         m.grid_to_sequence(torch.zeros(1, 4, 4, 4, dtype=torch.long))
 
 
-@pytest.mark.parametrize("attention", ["softmax", "linear"])
-def test_incremental_equals_parallel(attention):
-    """KV cache (softmax) / recurrent state (linear) reproduce the parallel pass within 1e-5."""
-    m = _model(attention, linear_impl="torch", linear_chunk=5)
+@pytest.mark.parametrize(
+    "attention,every", [("softmax", False), ("linear", False), ("softmax", True), ("linear", True)]
+)
+def test_incremental_equals_parallel(attention, every):
+    """KV cache (softmax) / recurrent state (linear) reproduce the parallel pass within 1e-5, also with the
+    condition added at every position (carried in the sampling state)."""
+    m = _model(attention, linear_impl="torch", linear_chunk=5, cond_every_position=every)
     age, sex, dx = _cond(4)
     seq = torch.randint(0, V, (4, 36))
     full = m(seq[:, :-1], age, sex, dx)
@@ -194,12 +204,14 @@ def test_save_load_round_trip(tmp_path):
         load_prior(tmp_path / "bad.pt")
 
 
-@pytest.mark.parametrize("attention", ["softmax", "linear"])
-def test_every_parameter_gets_a_gradient(attention):
+@pytest.mark.parametrize(
+    "attention,every", [("softmax", False), ("linear", False), ("softmax", True), ("linear", True)]
+)
+def test_every_parameter_gets_a_gradient(attention, every):
     """Opacus needs a per-sample gradient for every parameter in every step, even with all covariates known."""
     from opacus.validators import ModuleValidator
 
-    m = _model(attention, cond_dropout=0.0, linear_impl="torch").train()
+    m = _model(attention, cond_dropout=0.0, linear_impl="torch", cond_every_position=every).train()
     assert ModuleValidator.validate(m, strict=False) == []
     seq = torch.randint(0, V, (3, 36))
     age, sex, dx = torch.tensor([60.0, 70.0, 80.0]), torch.tensor([0, 1, 0]), torch.tensor([0, 1, 2])
@@ -240,14 +252,20 @@ def test_one_dp_step(attention):
     assert set(params) <= set(changed)  # noise reaches every parameter
 
 
-@pytest.mark.parametrize("attention", ["softmax", "linear"])
-def test_opacus_per_sample_gradients_are_exact(attention):
+@pytest.mark.parametrize(
+    "attention,every", [("softmax", False), ("linear", False), ("softmax", True), ("linear", True)]
+)
+def test_opacus_per_sample_gradients_are_exact(attention, every):
     """Opacus' per-sample gradients equal gradients of each sample alone (no mixing across the batch)."""
     from opacus import GradSampleModule
 
     torch.manual_seed(0)
-    cfg = PriorSection(d_model=16, n_layers=1, n_heads=2, attention=attention, cond_dropout=0.0)
+    cfg = PriorSection(
+        d_model=16, n_layers=1, n_heads=2, attention=attention, cond_dropout=0.0, cond_every_position=every
+    )
     model = ConditionalPrior(cfg, V, SHAPE).double().train()
+    if every:  # away from its zero initialisation, so that its per-sample gradients involve the input
+        torch.nn.init.normal_(model.cond_proj.weight, std=0.1)
     ref = copy.deepcopy(model)  # without Opacus' hooks
     gsm = GradSampleModule(model, loss_reduction="sum")
     seq = torch.randint(0, V, (3, 36))
@@ -262,3 +280,28 @@ def test_opacus_per_sample_gradients_are_exact(attention):
         grads = torch.autograd.grad(loss_of(ref, slice(i, i + 1)), list(ref.parameters()))
         for (name, p), g in zip(model.named_parameters(), grads, strict=True):
             torch.testing.assert_close(p.grad_sample[i], g, atol=1e-9, rtol=1e-7, msg=name)
+
+
+def test_condition_at_every_position_extends_a_prefix_only_checkpoint(tmp_path):
+    """A prefix-only checkpoint loads into a model with the every-position path, which starts at zero (the same
+    logits), then learns (the covariates move every code's logits); any other mismatch is refused."""
+    prefix_only = _model()
+    save_prior(prefix_only, load_profile("cpu-demo"), tmp_path / "p.pt")
+    every = ConditionalPrior(
+        PriorSection(d_model=32, n_layers=2, n_heads=4, cond_every_position=True), V, SHAPE
+    )
+    assert load_prior_weights(every, tmp_path / "p.pt") == ["cond_proj.bias", "cond_proj.weight"]
+    every.eval()
+    age, sex, dx = _cond(4)
+    seq = torch.randint(0, V, (4, 36))
+    with torch.no_grad():
+        torch.testing.assert_close(every(seq[:, :-1], age, sex, dx), prefix_only(seq[:, :-1], age, sex, dx))
+        every.cond_proj.weight.normal_(0.0, 0.3)
+        moved = every(seq[:, :-1], age, sex, dx) - prefix_only(seq[:, :-1], age, sex, dx)
+    assert moved[:, 1:].abs().amax(dim=(0, 2)).min() > 1e-3  # every code position, not only the first
+    wider = ConditionalPrior(PriorSection(d_model=64, n_layers=2, n_heads=4), V, SHAPE)
+    with pytest.raises(ValueError, match=r"p\.pt"):
+        load_prior_weights(wider, tmp_path / "p.pt")
+    save_prior(every, load_profile("cpu-demo"), tmp_path / "e.pt")
+    with pytest.raises(ValueError, match="unexpected"):  # the other way round would drop learned weights
+        load_prior_weights(_model(), tmp_path / "e.pt")

@@ -42,19 +42,25 @@ def toy_codes(n: int, seed: int) -> CodeDataset:
     return CodeDataset(torch.where(keep, f, noise).reshape(n, *SHAPE), age, sex, dx)
 
 
-def _train(cond_dropout: float, data: CodeDataset, steps: int, attention: str = "softmax"):
+def _train(
+    cond_dropout: float, data: CodeDataset, steps: int, attention: str = "softmax", every: bool = False
+):
     torch.manual_seed(0)
-    cfg = PriorSection(d_model=32, n_layers=2, n_heads=4, attention=attention, cond_dropout=cond_dropout)
+    cfg = PriorSection(
+        d_model=32, n_layers=2, n_heads=4, attention=attention, cond_dropout=cond_dropout,
+        cond_every_position=every,
+    )  # fmt: skip
     model = ConditionalPrior(cfg, V, SHAPE)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     res = train_prior_local(model, make_prior_loader(data, 32, True), None, optimizer=opt, max_steps=steps)
     return model, res
 
 
-def test_conditioning_lowers_held_out_bits_per_code():
+@pytest.mark.parametrize("every", [False, True])
+def test_conditioning_lowers_held_out_bits_per_code(every):
     train, val = toy_codes(2000, 0), toy_codes(400, 1)
     val_loader = make_prior_loader(val, 200, False)
-    cond, res = _train(0.1, train, 200)
+    cond, res = _train(0.1, train, 200, every=every)
     uncond, _ = _train(1.0, train, 200)
     assert res["steps"] == 200 and 199 * 32 > res["train_sequences"] > 190 * 32  # partial last batches
     assert res["epochs"][0]["bits_per_code"] > res["final"]["bits_per_code"]  # it learned

@@ -13,6 +13,13 @@ autoregressively. Conditioning is a three-token *prefix* in front of the codes::
   learned "known"/"unknown" embedding; NaN = unknown;
 * sex, diagnosis: categorical embeddings with an extra "unknown" row (``fl_app.data.covariates``).
 
+With ``PriorSection.cond_every_position`` the condition also reaches every code directly: a linear
+projection of the three prefix embeddings (B, 3d) -> (B, d), zero at initialisation, is added to each
+code position's input. Through the prefix alone, a code far down a 4,096-code sequence sees the covariates
+only through attention weights shared with thousands of codes; the added path is a per-position bias that
+the covariates move (a zero-initialised projection also lets a prefix-only checkpoint be extended without
+changing what it computes: :func:`load_prior_weights`).
+
 In training, *condition dropout* replaces covariates by "unknown" per sample (all three with
 probability ``cond_dropout``, otherwise each one independently with it), so that partial or no
 conditioning works at sampling time. ``cond_dropout = 1`` trains an unconditional model.
@@ -57,6 +64,7 @@ __all__ = [
     "SamplingState",
     "build_prior",
     "load_prior",
+    "load_prior_weights",
     "make_ordering",
     "save_prior",
     "unwrap_prior",
@@ -97,6 +105,8 @@ class SamplingState:
     layers: list[_LayerCache] = field(default_factory=list)
     pos: int = 0
     """Number of positions (prefix + codes) already absorbed."""
+    cond: torch.Tensor | None = None
+    """(B, d) condition added to every code input (``cond_every_position``), set by ``prefill``."""
 
 
 # --------------------------------------------------------------------------- modules
@@ -235,6 +245,7 @@ class ConditionalPrior(nn.Module):
         self.age_emb = AgeEmbedding(d, cfg.age_range, cfg.age_frequencies)
         self.sex_emb = nn.Embedding(len(SEXES) + 1, d)  # last row = unknown
         self.dx_emb = nn.Embedding(len(DIAGNOSES) + 1, d)  # last row = unknown
+        self.cond_proj = nn.Linear(PREFIX_LEN * d, d) if cfg.cond_every_position else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.ln_f = nn.LayerNorm(d)
@@ -246,6 +257,9 @@ class ConditionalPrior(nn.Module):
         for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
             if name.endswith(("attn.proj.weight", "fc_out.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        if self.cond_proj is not None:  # starts as a prefix-only model
+            nn.init.zeros_(self.cond_proj.weight)
+            nn.init.zeros_(self.cond_proj.bias)
 
     def sampling_copy(self, dtype: torch.dtype, device: torch.device | str | None = None) -> ConditionalPrior:
         """A copy for sampling in ``dtype`` (e.g. bfloat16); ``self`` is not modified.
@@ -317,6 +331,12 @@ class ConditionalPrior(nn.Module):
             [self.age_emb(age, drop[:, 0]).to(dt), self.sex_emb(sex), self.dx_emb(diagnosis)], dim=1
         )
 
+    def condition_vector(self, prefix: torch.Tensor) -> torch.Tensor | None:
+        """Prefix embeddings (B, 3, d) -> the (B, d) added to every code input, or None (prefix only)."""
+        if self.cond_proj is None:
+            return None
+        return self.cond_proj(prefix.reshape(prefix.shape[0], -1))
+
     # ----------------------------------------------------------------- full (parallel) pass
 
     def forward(
@@ -335,7 +355,12 @@ class ConditionalPrior(nn.Module):
         length = tokens.shape[1]
         if length > self.seq_len - 1:
             raise ValueError(f"at most {self.seq_len - 1} input codes, got {length}")
-        x = torch.cat([self.condition_prefix(age, sex, diagnosis), self.tok_emb(tokens)], dim=1)
+        prefix = self.condition_prefix(age, sex, diagnosis)
+        codes = self.tok_emb(tokens)
+        cond = self.condition_vector(prefix)
+        if cond is not None:
+            codes = codes + cond.unsqueeze(1)
+        x = torch.cat([prefix, codes], dim=1)
         # positions as a (B, T) index tensor: Opacus' embedding grad sampler needs the batch dimension
         pos = torch.arange(PREFIX_LEN + length, device=x.device).expand(x.shape[0], -1)
         x = self.drop(x + self.pos_emb(pos))
@@ -394,7 +419,9 @@ class ConditionalPrior(nn.Module):
         """Absorb the condition prefix into a fresh ``state``; returns logits (B, V) of code 0."""
         if state.pos != 0:
             raise ValueError("prefill needs a fresh state")
-        return self._advance(self.condition_prefix(age, sex, diagnosis), state)
+        prefix = self.condition_prefix(age, sex, diagnosis)
+        state.cond = self.condition_vector(prefix)
+        return self._advance(prefix, state)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, state: SamplingState) -> torch.Tensor:
@@ -403,6 +430,8 @@ class ConditionalPrior(nn.Module):
             raise ValueError("the sequence is complete")
         pos = state.pos
         x = F.embedding(tokens.view(-1), self.tok_emb.weight) + self.pos_emb.weight[pos]  # (B, d)
+        if state.cond is not None:
+            x = x + state.cond
         for block, cache in zip(self.blocks, state.layers, strict=True):
             x = block.decode_one(x, cache, pos)
         state.pos = pos + 1
@@ -451,6 +480,38 @@ def save_prior(
         path,
     )
     return path
+
+
+def load_prior_weights(model: ConditionalPrior, path: str | Path) -> list[str]:
+    """Load a prior checkpoint's weights into ``model`` to continue training it; returns the added tensors.
+
+    The checkpoint must have the same vocabulary, grid and architecture, except that ``model`` may add the
+    ``cond_every_position`` projection to a prefix-only checkpoint: that projection keeps its zero
+    initialisation, so the loaded model computes exactly what the checkpoint did.
+
+    Raises:
+        ValueError: not a prior checkpoint, or its vocabulary, grid or tensors do not match (naming them).
+    """
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a synthbrain prior checkpoint")
+    if payload["num_codes"] != model.num_codes or tuple(payload["code_shape"]) != model.code_shape:
+        raise ValueError(
+            f"{path}: vocabulary {payload['num_codes']} / grid {tuple(payload['code_shape'])} do not match "
+            f"the model's {model.num_codes} / {model.code_shape}"
+        )
+    state = payload["state_dict"]
+    own = model.state_dict()
+    added = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    bad_shape = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
+    if unexpected or bad_shape or any(not k.startswith("cond_proj.") for k in added):
+        raise ValueError(
+            f"{path}: its tensors do not fit this prior (missing {added or 'none'}, unexpected "
+            f"{unexpected or 'none'}, other shape {bad_shape or 'none'})"
+        )
+    model.load_state_dict(state, strict=False)
+    return added
 
 
 def load_prior(

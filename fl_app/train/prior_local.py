@@ -44,7 +44,13 @@ from torch.utils.data._utils.collate import default_collate
 from fl_app.config import Profile, TrainSection, add_set_args, profile_to_yaml
 from fl_app.data.covariates import UNKNOWN_DIAGNOSIS, UNKNOWN_SEX
 from fl_app.data.nifti import file_sha256
-from fl_app.models.prior import ConditionalPrior, build_prior, save_prior, unwrap_prior
+from fl_app.models.prior import (
+    ConditionalPrior,
+    build_prior,
+    load_prior_weights,
+    save_prior,
+    unwrap_prior,
+)
 from fl_app.train import distributed as D
 from fl_app.train.common import (
     LocalStep,
@@ -218,7 +224,8 @@ def train_prior_local(
     res = train_loop(
         model, train_loader, optimizer, _PriorStep(model, m, dev, val_loader), device=dev, epochs=epochs,
         max_steps=max_steps, max_seconds=max_seconds, amp=amp, grad_clip=grad_clip, name="prior",
-        on_epoch_end=on_epoch_end,
+        on_epoch_end=on_epoch_end, warmup_steps=m.cfg.warmup_steps or None,
+        decay_steps=max_steps if m.cfg.lr_schedule == "cosine" else None,
     )  # fmt: skip
     result = {**res, "train_sequences": res.pop("samples")}
     if dp_engine is not None:
@@ -447,6 +454,14 @@ def run_train_local_prior(args: argparse.Namespace) -> int:
     val_loader = make_prior_loader(val_ds, batch_size, shuffle=False) if len(val_ds) else None
 
     model = build_prior(profile)
+    if args.init:
+        init_path = args.init / "prior.pt" if args.init.is_dir() else args.init
+        try:
+            added = load_prior_weights(model, init_path)
+        except (OSError, ValueError) as e:
+            log.error("--init %s: %s", args.init, e)
+            return 2
+        log.info("started from %s%s", init_path, f" (new, zero-initialised: {added})" if added else "")
     optimizer = make_prior_optimizer(model, args.lr or profile.train.lr)
     (out / "profile.yaml").write_text(profile_to_yaml(profile))
 
@@ -512,6 +527,13 @@ def add_train_local_prior_parser(subparsers: argparse._SubParsersAction) -> argp
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", type=Path, default=None, help="preprocessing cache")
     p.add_argument("--code-cache", type=Path, default=None, help="code-grid cache (default RUN/code_cache)")
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="continue training a prior checkpoint (prior.pt or its run folder); it may lack the "
+        "cond_every_position projection, which then starts at zero",
+    )
     p.add_argument(
         "--unconditional", action="store_true", help="ignore covariates (cond_dropout = 1), a baseline"
     )
