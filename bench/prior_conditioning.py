@@ -2,6 +2,8 @@
 
     python bench/prior_conditioning.py --vqvae VQVAE.pt --json OUT.json
         [--sites 3] [--subjects 16] [--test-subjects 16] [--steps 300] [--seed 0] [--repeats 1]
+    python bench/prior_conditioning.py --prior pretrained|GLOBAL_MODEL_DIR|PRIOR.pt --json OUT.json
+        [--vqvae VQVAE.pt] [--test-subjects 16] [--shuffles 5] [--seed 0] [--batch-size 4]
 
 1. Simulates ``--sites`` training sites (``fl_app.data.simulate.simulate_sites``, seed ``--seed``) and one
    held-out site (seed ``--seed + 1000``, the held-out seed of ``bench/vqvae.py``) with the profile stored in
@@ -42,6 +44,19 @@ With ``--repeats R`` the pair is
 trained R times (initialisation, batch-order and condition-dropout seeds ``--seed`` .. ``--seed + R - 1``);
 the paired statistics then use each subject's difference averaged over repeats, and ``repeat_mean_diffs``
 lists each repeat's mean difference (its spread is the training-seed noise).
+
+Checkpoint mode (``--prior``, ``"mode": "checkpoint"`` in the JSON) evaluates an existing trained prior
+instead of training a pair: ``--prior`` is a ``prior.pt``, a global-model directory holding ``prior.pt`` and
+``vqvae.pt``, or ``pretrained`` (the shipped ``fl_app/pretrained/cpu-demo/``); ``--vqvae`` defaults to the
+``vqvae.pt`` beside the prior, and the profile is the checkpoint's. Only the held-out site is simulated
+(seed ``--seed + 1000``, ``--test-subjects``) and encoded; the prior is evaluated on it with the conditions
+above (true, dropped, one covariate known, shuffled). There is no separately trained unconditional prior
+here: the control is the *same model with every covariate dropped*, which is a classifier-free-guidance-style
+unconditional model because the prior was trained with condition dropout (``prior.cond_dropout``). So
+``conditioning_helps`` is true when the bootstrap CIs of ``conditional(true) - conditional(dropped)`` and of
+``conditional(true) - conditional(shuffled)`` both lie below zero. Keys that only a trained pair or the
+training subjects give (``unconditional``, ``train_bits_per_code``, the unigram and positional references,
+``steps``, ``per_repeat``, ...) are null.
 """
 
 from __future__ import annotations
@@ -84,6 +99,17 @@ CONDITIONS: dict[str, tuple[bool, bool, bool]] = {
     "diagnosis_only": (False, False, True),
 }
 """Which covariates (age, sex, diagnosis) stay known when the conditional prior is evaluated."""
+
+CONTRASTS: tuple[tuple[str, str], ...] = (
+    ("conditional_true", "unconditional"),
+    ("conditional_true", "conditional_shuffled"),
+    ("conditional_true", "conditional_dropped"),
+    ("conditional_dropped", "unconditional"),
+    ("conditional_age_only", "conditional_dropped"),
+    ("conditional_sex_only", "conditional_dropped"),
+    ("conditional_diagnosis_only", "conditional_dropped"),
+)
+"""The paired per-subject differences reported, as (minuend, subtrahend) keys of the held-out bits."""
 
 
 # --------------------------------------------------------------------------- statistics
@@ -181,6 +207,15 @@ def paired_summary(diff: Sequence[float] | np.ndarray, n_boot: int = 10_000, see
         "ci95_bootstrap": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
         "ci95_t": [mean - half, mean + half],
         "fraction_negative": float((d < 0).mean()),
+    }
+
+
+def paired_contrasts(bits: dict[str, np.ndarray], seed: int) -> dict[str, dict[str, Any] | None]:
+    """:func:`paired_summary` of every :data:`CONTRASTS` difference ``a - b`` of per-subject bits, keyed
+    ``"<a>_minus_<b>"``; None where ``bits`` lacks a side (no ``unconditional`` prior in checkpoint mode)."""
+    return {
+        f"{a}_minus_{b}": paired_summary(bits[a] - bits[b], seed=seed) if a in bits and b in bits else None
+        for a, b in CONTRASTS
     }
 
 
@@ -328,6 +363,107 @@ def train_variant(
     return model, info
 
 
+# --------------------------------------------------------------------------- checkpoint mode
+
+
+def _load_checkpoint_prior(
+    spec: str, vqvae: Path | None, device: torch.device
+) -> tuple[nn.Module, Path, Path]:
+    """``--prior``'s model (eval mode), its file, and the VQ-VAE file (``--vqvae``, else beside the prior)."""
+    from fl_app.models.pretrained import resolve_init
+    from fl_app.models.prior import load_prior
+
+    path = resolve_init(spec, "prior", option="--prior")
+    if path is None:
+        raise SystemExit(f"--prior {spec!r}: give a prior .pt, a global-model directory or 'pretrained'")
+    vq_path = vqvae if vqvae is not None else path.parent / "vqvae.pt"
+    if not vq_path.is_file():
+        raise SystemExit(f"--prior {spec}: no VQ-VAE at {vq_path} (give --vqvae)")
+    prior, _ = load_prior(path, map_location=device)
+    return prior, path, vq_path
+
+
+def evaluate_checkpoint(
+    args: argparse.Namespace,
+    profile: Profile,
+    prior: nn.Module,
+    prior_path: Path,
+    vq_info: dict[str, Any],
+    test_codes: CodeDataset,
+    dev: torch.device,
+    timing: dict[str, float],
+) -> dict[str, Any]:
+    """Checkpoint mode: the given prior on the held-out subjects; the unconditional control is the same
+    model with every covariate dropped. Same JSON keys as the trained pair (null where they need one)."""
+    from fl_app.train.common import peak_rss_mb
+
+    t0 = time.perf_counter()
+    batch_size = args.batch_size or profile.train.batch_size
+    bits = {
+        f"conditional_{cname}": per_subject_bits(prior, test_codes, known, batch_size, dev)
+        for cname, known in CONDITIONS.items()
+    }
+    shuffled = [
+        per_subject_bits(prior, shuffle_covariates(test_codes, 1000 * args.seed + k), batch_size=batch_size,
+                         device=dev)
+        for k in range(args.shuffles)
+    ]  # fmt: skip
+    bits["conditional_shuffled"] = np.mean(np.stack(shuffled), axis=0)
+    paired = paired_contrasts(bits, args.seed)
+    helps = all(
+        paired[k]["ci95_bootstrap"][1] < 0
+        for k in ("conditional_true_minus_conditional_dropped", "conditional_true_minus_conditional_shuffled")
+    )
+    vocab = profile.vqvae.num_embeddings
+    return {
+        "bench": "bench/prior_conditioning.py",
+        "mode": "checkpoint",
+        "unconditional_control": "same model, covariates dropped (trained with condition dropout "
+        f"{unwrap_prior(prior).cfg.cond_dropout:g}): paired.conditional_true_minus_conditional_dropped",
+        "prior_checkpoint": {
+            "source": str(prior_path),
+            "checkpoint_extra": getattr(prior, "checkpoint_extra", {}),
+        },
+        "profile": profile.name,
+        "vqvae": vq_info,
+        "device": str(dev),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "sites": None,
+        "subjects_per_site": None,
+        "n_train": None,
+        "n_test": len(test_codes),
+        "seed": args.seed,
+        "repeats": None,
+        "shuffles": args.shuffles,
+        "steps": None,
+        "batch_size": batch_size,
+        "lr": None,
+        "code_shape": list(profile.code_shape),
+        "vocab": vocab,
+        "prior": unwrap_prior(prior).cfg.model_dump(mode="json"),
+        "n_parameters": sum(p.numel() for p in prior.parameters()),
+        "heldout_bits_per_code": {k: float(v.mean()) for k, v in bits.items()},
+        "train_bits_per_code": None,
+        "unigram_heldout_bits_per_code": None,
+        "positional_reference": None,
+        "uniform_bits_per_code": math.log2(vocab),
+        "paired": paired,
+        "conditioning_helps": bool(helps),
+        "repeat_mean_diffs": None,
+        "per_repeat": None,
+        "data_seconds": timing["data_seconds"],
+        "encode_seconds": timing["encode_seconds"],
+        "eval_seconds": time.perf_counter() - t0,
+        "total_seconds": time.perf_counter() - timing["t_start"],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+# --------------------------------------------------------------------------- the bench
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole benchmark; returns the JSON-able result."""
     from fl_app.config import parse_overrides
@@ -340,10 +476,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dev = resolve_device(args.device)
     t_start = time.perf_counter()
     vq_info: dict[str, Any]
-    if args.vqvae is not None:
-        vqvae, profile = load_vqvae(args.vqvae, map_location=dev)
+    prior, prior_path, vq_path = None, None, args.vqvae
+    if args.prior is not None:
+        prior, prior_path, vq_path = _load_checkpoint_prior(args.prior, args.vqvae, dev)
+    if vq_path is not None:
+        vqvae, profile = load_vqvae(vq_path, map_location=dev)
         profile = _apply_prior_overrides(profile, args.set)
-        vq_info = {"source": str(args.vqvae), "checkpoint_extra": getattr(vqvae, "checkpoint_extra", {})}
+        vq_info = {"source": str(vq_path), "checkpoint_extra": getattr(vqvae, "checkpoint_extra", {})}
+        vq_grid = (profile.vqvae.num_embeddings, tuple(profile.code_shape))
+        if prior is not None and (prior.num_codes, prior.code_shape) != vq_grid:
+            raise SystemExit(
+                f"{prior_path}: vocabulary / code grid {prior.num_codes} / {prior.code_shape} do not match "
+                f"the VQ-VAE {vq_path}'s {vq_grid[0]} / {vq_grid[1]}"
+            )
     else:
         vqvae = None
         profile = load_profile(args.profile, parse_overrides(args.set))
@@ -356,29 +501,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         work = Path(args.workdir)
     try:
         t0 = time.perf_counter()
-        train_paths = simulate_sites(work / "train", args.sites, args.subjects, profile, seed=args.seed)
+        train_paths: list[Path] = []  # checkpoint mode: held-out subjects only
+        if prior is None:
+            train_paths = simulate_sites(work / "train", args.sites, args.subjects, profile, seed=args.seed)
         test_paths = simulate_sites(work / "test", 1, args.test_subjects, profile, seed=args.seed + 1000)
         train_sets = _site_datasets(train_paths, profile, work / "cache")
         test_sets = _site_datasets(test_paths, profile, work / "cache")
-        if not train_sets or not test_sets:
+        if not test_sets or (prior is None and not train_sets):
             raise RuntimeError("no usable simulated subjects (preprocessing refused them all)")
         data_seconds = time.perf_counter() - t0
         if vqvae is None:
             vqvae, vq_info = _train_vqvae_here(args, profile, train_sets, dev)
         t0 = time.perf_counter()
-        train_codes = _concat([encode_codes(vqvae, ds) for ds in train_sets])
+        train_codes = _concat([encode_codes(vqvae, ds) for ds in train_sets]) if train_sets else None
         test_codes = _concat([encode_codes(vqvae, ds) for ds in test_sets])
         encode_seconds = time.perf_counter() - t0
     finally:
         if tmp is not None:
             tmp.cleanup()
     del vqvae
+    n_train = 0 if train_codes is None else len(train_codes)
     print(
-        f"data: {len(train_codes)} train / {len(test_codes)} held-out subjects, code grid "
+        f"data: {n_train} train / {len(test_codes)} held-out subjects, code grid "
         f"{list(profile.code_shape)} ({data_seconds:.0f} s simulate + preprocess, {encode_seconds:.0f} s encode)",
         file=sys.stderr,
         flush=True,
     )
+    if prior is not None:
+        timing = {"data_seconds": data_seconds, "encode_seconds": encode_seconds, "t_start": t_start}
+        return evaluate_checkpoint(args, profile, prior, prior_path, vq_info, test_codes, dev, timing)
 
     vocab = profile.vqvae.num_embeddings
     batch_size = args.batch_size or profile.train.batch_size
@@ -442,24 +593,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         repeats.append(rec)
 
     avg = {k: np.mean(np.stack(v), axis=0) for k, v in bits.items()}  # per subject, over repeats
-    paired = {
-        "conditional_true_minus_unconditional": paired_summary(
-            avg["conditional_true"] - avg["unconditional"], seed=args.seed
-        ),
-        "conditional_true_minus_conditional_shuffled": paired_summary(
-            avg["conditional_true"] - avg["conditional_shuffled"], seed=args.seed
-        ),
-        "conditional_true_minus_conditional_dropped": paired_summary(
-            avg["conditional_true"] - avg["conditional_dropped"], seed=args.seed
-        ),
-        "conditional_dropped_minus_unconditional": paired_summary(
-            avg["conditional_dropped"] - avg["unconditional"], seed=args.seed
-        ),
-    }
-    for cname in ("age_only", "sex_only", "diagnosis_only"):
-        paired[f"conditional_{cname}_minus_conditional_dropped"] = paired_summary(
-            avg[f"conditional_{cname}"] - avg["conditional_dropped"], seed=args.seed
-        )
+    paired = paired_contrasts(avg, args.seed)
     repeat_diffs = [r["mean_diff_conditional_true_minus_unconditional"] for r in repeats]
     helps = (
         paired["conditional_true_minus_unconditional"]["ci95_bootstrap"][1] < 0
@@ -468,6 +602,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     return {
         "bench": "bench/prior_conditioning.py",
+        "mode": "trained pair",
+        "unconditional_control": "a second prior trained here with cond_dropout = 1",
         "profile": profile.name,
         "vqvae": vq_info,
         "device": str(dev),
@@ -507,8 +643,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--vqvae", type=Path, default=None, help="VQ-VAE checkpoint (bench/vqvae.py --save-model)"
-    )
+        "--vqvae", type=Path, default=None,
+        help="VQ-VAE checkpoint (bench/vqvae.py --save-model); with --prior default: the vqvae.pt beside it",
+    )  # fmt: skip
+    ap.add_argument(
+        "--prior", default=None, metavar="PATH|pretrained",
+        help="checkpoint mode: evaluate this trained prior (.pt, global-model directory, or 'pretrained' for "
+        "the shipped cpu-demo checkpoint) on held-out subjects, no training (--sites, --subjects, --steps, "
+        "--repeats, --lr and the VQ-VAE options are then unused)",
+    )  # fmt: skip
     ap.add_argument("--json", type=Path, default=None, help="write the result here")
     ap.add_argument("--sites", type=int, default=3, help="training sites")
     ap.add_argument("--subjects", type=int, default=16, help="subjects per training site")
@@ -517,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="train the pair this many times (seeds seed..)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shuffles", type=int, default=5, help="covariate permutations of the shuffled control")
-    ap.add_argument("--batch-size", type=int, default=None, help="default: the profile's train.batch_size")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="training and evaluation batch; default: the profile's train.batch_size")  # fmt: skip
     ap.add_argument("--lr", type=float, default=None, help="default: the profile's train.lr")
     ap.add_argument("--no-curve", action="store_true", help="skip the per-epoch held-out learning curve")
     ap.add_argument("--device", default="auto")
@@ -531,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 1 or args.repeats < 1 or args.shuffles < 1:
         ap.error("--steps, --repeats and --shuffles must be >= 1")
+    if args.prior is not None and args.set:
+        ap.error("--set does not apply with --prior (the checkpoint fixes the profile)")
     out = run(args)
     text = json.dumps(out, indent=2)
     print(text)

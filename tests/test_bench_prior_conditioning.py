@@ -4,6 +4,8 @@ covariate masking / shuffling, per-subject bits against ``evaluate_prior``, and 
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -134,3 +136,123 @@ def test_positional_reference_counts_per_position():
     assert ref["bits_per_code"] == pytest.approx(want)
     with pytest.raises(ValueError, match="grids differ"):
         pc.positional_reference(train, torch.tensor([[1, 0, 0]]), vocab=4)
+
+
+# --------------------------------------------------------------------------- checkpoint mode (--prior)
+
+
+def _tiny_global_model(root: Path):
+    """A global-model directory with an untrained tiny VQ-VAE (8^3 codes of 16) and prior, and its profile."""
+    from fl_app.models.prior import save_prior
+    from fl_app.models.vqvae import build_vqvae, save_vqvae
+
+    profile = load_profile(
+        "cpu-demo",
+        {
+            "vqvae": {"channels": [4, 4, 8], "num_res_channels": [4, 4, 8], "num_embeddings": 16},
+            "prior": {"d_model": 16, "n_layers": 1, "n_heads": 2},
+            "train": {"batch_size": 2},
+        },
+    )
+    torch.manual_seed(0)
+    save_vqvae(build_vqvae(profile), profile, root / "vqvae.pt")
+    prior = build_prior(profile)
+    with torch.no_grad():  # covariates that visibly change the likelihood
+        prior.sex_emb.weight.normal_(0, 2.0)
+        prior.dx_emb.weight.normal_(0, 2.0)
+    save_prior(prior, profile, root / "prior.pt")
+    return profile
+
+
+def test_checkpoint_mode_evaluates_a_saved_prior_without_training(tmp_path):
+    gm = tmp_path / "global"
+    _tiny_global_model(gm)
+    common = ["--test-subjects", "4", "--shuffles", "2", "--device", "cpu", "--threads", "1"]
+    assert pc.main(["--prior", str(gm), "--json", str(tmp_path / "ck.json"), *common]) == 0
+    out = json.loads((tmp_path / "ck.json").read_text())
+    assert out["mode"] == "checkpoint" and "covariates dropped" in out["unconditional_control"]
+    assert out["prior_checkpoint"]["source"] == str((gm / "prior.pt").resolve())
+    assert out["vqvae"]["source"] == str((gm / "vqvae.pt").resolve())  # the VQ-VAE beside the prior
+    assert out["n_test"] == 4 and out["n_train"] is None and out["steps"] is None
+    assert out["batch_size"] == 2 and out["code_shape"] == [8, 8, 8] and out["prior"]["d_model"] == 16
+    held = out["heldout_bits_per_code"]
+    assert set(held) == {f"conditional_{c}" for c in [*pc.CONDITIONS, "shuffled"]}  # no "unconditional"
+    assert held["conditional_true"] != pytest.approx(held["conditional_dropped"], abs=1e-4)
+    paired = out["paired"]
+    assert paired["conditional_true_minus_unconditional"] is None
+    assert paired["conditional_dropped_minus_unconditional"] is None
+    for other in ("dropped", "shuffled"):
+        s = paired[f"conditional_true_minus_conditional_{other}"]
+        assert s["n"] == 4
+        assert s["mean"] == pytest.approx(held["conditional_true"] - held[f"conditional_{other}"], abs=1e-9)
+    ci_dropped = paired["conditional_true_minus_conditional_dropped"]["ci95_bootstrap"]
+    ci_shuffled = paired["conditional_true_minus_conditional_shuffled"]["ci95_bootstrap"]
+    assert out["conditioning_helps"] is (ci_dropped[1] < 0 and ci_shuffled[1] < 0)
+
+    # every key of the trained-pair JSON is there (null where only a trained pair gives it)
+    trained = ["--vqvae", str(gm / "vqvae.pt"), "--sites", "1", "--subjects", "2", "--steps", "1"]
+    trained += ["--no-curve", *(f"--set=prior.{kv}" for kv in ("d_model=16", "n_layers=1", "n_heads=2"))]
+    assert pc.main([*trained, "--json", str(tmp_path / "tr.json"), *common]) == 0
+    tr = json.loads((tmp_path / "tr.json").read_text())
+    assert tr["mode"] == "trained pair"
+    assert set(tr) <= set(out) and set(tr["paired"]) == set(paired)
+
+    # a prior without a VQ-VAE beside it, and an unknown path, are refused by name
+    alone = tmp_path / "alone" / "p.pt"
+    alone.parent.mkdir()
+    alone.write_bytes((gm / "prior.pt").read_bytes())
+    with pytest.raises(SystemExit, match=r"no VQ-VAE at .*vqvae\.pt"):
+        pc.main(["--prior", str(alone), *common])
+    with pytest.raises(FileNotFoundError, match=r"--prior .*missing\.pt does not exist"):
+        pc.main(["--prior", str(tmp_path / "missing.pt"), *common])
+
+
+def test_checkpoint_prior_pretrained_is_the_shipped_checkpoint():
+    from fl_app.models.pretrained import pretrained_dir
+
+    prior, path, vq_path = pc._load_checkpoint_prior("pretrained", None, torch.device("cpu"))
+    assert path == (pretrained_dir("cpu-demo") / "prior.pt").resolve()
+    assert vq_path == path.parent / "vqvae.pt" and not prior.training
+
+
+STRADDLES_ZERO = [-1.0, -1.0, -1.0, 1.0, 1.0, 0.5]  # mean < 0, but its bootstrap CI contains 0
+
+
+@pytest.mark.parametrize(
+    "shift, helps",
+    [
+        ({"true": -0.5}, True),
+        ({"true": 0.5}, False),
+        ({"true": -0.5, "shuffled": -0.5}, False),  # beats dropped covariates, not shuffled ones
+        ({"true": -0.5, "dropped": -0.5}, False),  # beats shuffled covariates, not dropped ones
+        ({"true": STRADDLES_ZERO}, False),
+    ],
+)
+def test_checkpoint_conditioning_helps_needs_both_cis_below_zero(tiny_profile, monkeypatch, shift, helps):
+    """With made-up per-subject bits (a fixed base plus a shift per condition), conditioning_helps is true
+    exactly when the bootstrap CIs of true - dropped and true - shuffled both lie below zero."""
+    data = _codes(tiny_profile, 6)
+    base = np.linspace(2.0, 2.5, 6)
+
+    def fake_bits(model, ds, known=(True, True, True), *a, **kw):
+        if ds is not data:
+            cond = "shuffled"
+        else:
+            cond = {(True, True, True): "true", (False, False, False): "dropped"}.get(known, "other")
+        return base + np.asarray(shift.get(cond, 0.0))
+
+    monkeypatch.setattr(pc, "per_subject_bits", fake_bits)
+    args = argparse.Namespace(batch_size=None, shuffles=2, seed=0)
+    timing = {"data_seconds": 0.0, "encode_seconds": 0.0, "t_start": 0.0}
+    prior = build_prior(tiny_profile)
+    out = pc.evaluate_checkpoint(
+        args, tiny_profile, prior, Path("p.pt"), {}, data, torch.device("cpu"), timing
+    )
+    true_shift = np.mean(shift["true"])
+    assert out["paired"]["conditional_true_minus_conditional_dropped"]["mean"] == pytest.approx(
+        true_shift - np.mean(shift.get("dropped", 0.0))
+    )
+    assert out["heldout_bits_per_code"]["conditional_shuffled"] == pytest.approx(
+        base.mean() + np.mean(shift.get("shuffled", 0.0))
+    )
+    assert out["conditioning_helps"] is helps

@@ -39,7 +39,9 @@ def pretrained_vqvae_path(profile: str = "cpu-demo") -> Path:
     return pretrained_dir(profile) / "vqvae.pt"
 
 
-def resolve_init(init: str | Path | None, kind: str, profile: str = "cpu-demo") -> Path | None:
+def resolve_init(
+    init: str | Path | None, kind: str, profile: str = "cpu-demo", option: str = "--init"
+) -> Path | None:
     """The ``kind`` (``"vqvae"`` / ``"prior"``) weights file a job starts from, or None for ``scratch``.
 
     Args:
@@ -47,6 +49,7 @@ def resolve_init(init: str | Path | None, kind: str, profile: str = "cpu-demo") 
             (its ``<kind>.pt``), a ``.pt`` file, or ``"scratch"`` / None / ``""``.
         kind: the job's model.
         profile: the profile name ``pretrained`` is looked up by.
+        option: the command-line option named in the error (``--init``, ``--prior``, ...).
 
     Raises:
         FileNotFoundError: naming the path that is missing (the package ships no checkpoint, the directory
@@ -61,7 +64,7 @@ def resolve_init(init: str | Path | None, kind: str, profile: str = "cpu-demo") 
     if not path.is_file():
         where = f"{d} has no {kind}.pt" if d.is_dir() else f"{path} does not exist"
         raise FileNotFoundError(
-            f"--init {init}: {where} (give a global-model directory or a {kind} .pt file)"
+            f"{option} {init}: {where} (give a global-model directory or a {kind} .pt file)"
         )
     return path.resolve()
 
