@@ -290,6 +290,7 @@ def _train_vqvae_here(
     res = train_vqvae_local(
         model, loader, profile, optimizer=optimizer, device=dev, max_seconds=args.vqvae_minutes * 60,
         max_steps=args.vqvae_max_steps, amp=profile.train.amp, seed=args.seed,
+        decay_steps=args.vqvae_max_steps,
     )  # fmt: skip
     model.eval()
     info = {
@@ -345,7 +346,7 @@ def train_variant(
     torch.manual_seed(seed + 1)  # the condition-dropout stream: identical for both variants
     res = train_prior_local(
         model, train_loader=loader, optimizer=optimizer, device=device, max_steps=steps,
-        val_loader=val_loader, amp=profile.train.amp,
+        val_loader=val_loader, amp=profile.train.amp, decay_steps=steps,
     )  # fmt: skip
     model.eval()
     info = {

@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             amp=profile.train.amp,
             seed=args.seed,
             on_epoch_end=_progress,
+            decay_steps=args.max_steps,  # a central run: a cosine profile decays over --max-steps
         )
     if args.save_model is not None and checkpoint_model is None:
         save_vqvae(

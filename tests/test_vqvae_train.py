@@ -222,7 +222,7 @@ def test_cosine_schedule_decays_over_the_step_budget() -> None:
     loader = make_vqvae_loader(blobs(6), 2, shuffle=False)
     opt = make_optimizer(model, p, lr=1e-2)
     lrs = _record_lrs(opt)
-    train_vqvae_local(model, loader, p, optimizer=opt, max_steps=5)
+    train_vqvae_local(model, loader, p, optimizer=opt, max_steps=5, decay_steps=5)
     cos = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / 5)) for i in range(5)]
     expected = [1e-2 * c * w for c, w in zip(cos, [0.5, 1, 1, 1, 1], strict=True)]
     assert lrs == [pytest.approx(e, rel=1e-9) for e in expected]
@@ -231,4 +231,10 @@ def test_cosine_schedule_decays_over_the_step_budget() -> None:
     opt = make_optimizer(model, constant, lr=1e-2)
     lrs = _record_lrs(opt)
     train_vqvae_local(model, loader, constant, optimizer=opt, max_steps=4)
+    assert lrs == [5e-3, 1e-2, 1e-2, 1e-2]
+    # a cosine profile travels with its checkpoint into federated jobs: a round (no decay_steps, max_steps =
+    # the round's steps) keeps a constant rate instead of decaying within every round
+    opt = make_optimizer(model, p, lr=1e-2)
+    lrs = _record_lrs(opt)
+    train_vqvae_local(model, loader, p, optimizer=opt, max_steps=4)
     assert lrs == [5e-3, 1e-2, 1e-2, 1e-2]

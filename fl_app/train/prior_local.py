@@ -178,6 +178,7 @@ def train_prior_local(
     grad_clip: float | None = 1.0,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     amp: str | bool = "none",
+    decay_steps: int | None = None,
 ) -> dict[str, Any]:
     """Train the prior on local code grids.
 
@@ -197,6 +198,8 @@ def train_prior_local(
         grad_clip: global gradient-norm clipping outside DP (DP clips per sample itself).
         on_epoch_end: callback receiving each epoch's metrics dict.
         amp: ``"bf16"`` for bf16 autocast of the forward pass on CUDA (``train.amp``).
+        decay_steps: a central run's whole step budget, over which ``prior.lr_schedule: cosine`` lowers the
+            rate; None (a federated round) keeps it constant. ``prior.warmup_steps`` applies either way.
 
     Returns:
         ``{"epochs": [...], "final": last epoch dict, "steps", "train_seconds", "train_sequences",
@@ -225,7 +228,7 @@ def train_prior_local(
         model, train_loader, optimizer, _PriorStep(model, m, dev, val_loader), device=dev, epochs=epochs,
         max_steps=max_steps, max_seconds=max_seconds, amp=amp, grad_clip=grad_clip, name="prior",
         on_epoch_end=on_epoch_end, warmup_steps=m.cfg.warmup_steps or None,
-        decay_steps=max_steps if m.cfg.lr_schedule == "cosine" else None,
+        decay_steps=decay_steps if m.cfg.lr_schedule == "cosine" else None,
     )  # fmt: skip
     result = {**res, "train_sequences": res.pop("samples")}
     if dp_engine is not None:
@@ -485,6 +488,7 @@ def run_train_local_prior(args: argparse.Namespace) -> int:
         val_loader=val_loader,
         on_epoch_end=_log_epoch,
         amp=profile.train.amp,
+        decay_steps=args.max_steps,
     )
     metrics: dict[str, Any] = {
         "profile": profile.name,

@@ -214,6 +214,7 @@ def train_vqvae_local(
     dead_code_restart: bool | None = None,
     seed: int | None = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    decay_steps: int | None = None,
 ) -> dict[str, Any]:
     """Train the VQ-VAE on local data.
 
@@ -234,6 +235,8 @@ def train_vqvae_local(
         dead_code_restart: override ``vqvae.dead_code_restart`` (always off under DP).
         seed: seeds the dead-code restart RNG.
         on_epoch_end: callback receiving each epoch's metrics dict.
+        decay_steps: a central run's whole step budget, over which ``vqvae.lr_schedule: cosine`` lowers the
+            rate; None (a federated round, whose ``max_steps`` is one round's) keeps it constant.
 
     Returns:
         ``{"epochs": [per-epoch dicts], "steps", "train_seconds", "train_volumes",
@@ -279,7 +282,7 @@ def train_vqvae_local(
         res = train_loop(
             model, train_loader, optimizer, step, device=dev, epochs=epochs, max_steps=max_steps,
             max_seconds=max_seconds, amp=amp, grad_clip=vq.grad_clip_norm, warmup_steps=vq.warmup_steps,
-            decay_steps=max_steps if vq.lr_schedule == "cosine" else None, name="vqvae",
+            decay_steps=decay_steps if vq.lr_schedule == "cosine" else None, name="vqvae",
             on_epoch_end=on_epoch_end,
         )  # fmt: skip
     finally:
@@ -524,6 +527,7 @@ def run_train_local_vqvae(args: argparse.Namespace) -> int:
         disc_optimizer=disc_opt,
         seed=seed,
         on_epoch_end=_log_epoch,
+        decay_steps=args.max_steps,
     )
     metrics = {
         "profile": profile.name,
