@@ -97,6 +97,7 @@ def test_the_shipped_checkpoint_loads_and_matches_its_card() -> None:
     add_pretrain_parser(p.add_subparsers())
     args = p.parse_args(argv[1:])
     assert args.seed == PRETRAIN_SEED == card["data"]["seed"] and not args.bids
-    assert card["prior"]["steps"] == args.prior_steps
+    assert card["prior"]["stages"][-1]["steps"] == args.prior_steps
+    assert card["prior"]["steps"] == sum(st["steps"] for st in card["prior"]["stages"]) > 0
     assert card["vqvae"]["steps"] == sum(st["steps"] for st in card["vqvae"]["stages"]) > 0
     assert card["commands"][-1] == card["command"]
