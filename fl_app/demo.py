@@ -232,13 +232,15 @@ def run_demo(
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ck = demo_checkpoint(init, profile, overrides)
+    # a global-model directory with a prior: both jobs start from it, with its whole profile (the prior's)
+    ck_dir = ck.parent if ck is not None and (ck.parent / "prior.pt").is_file() else None
     start: dict[str, Any] | None = None
     if ck is not None:
         from fl_app.config import apply_overrides
         from fl_app.models.pretrained import checkpoint_profile_dict
 
         prof = apply_overrides(
-            checkpoint_profile_dict(ck), {"finetune": DP_FINETUNE} if dp else None, str(ck)
+            checkpoint_profile_dict(ck_dir or ck), {"finetune": DP_FINETUNE} if dp else None, str(ck)
         )
         start = {"init": str(ck.parent), "trainable": prof.finetune.model_dump()}
         print(f"      starting from the public checkpoint {ck.parent}", flush=True)
@@ -289,8 +291,9 @@ def run_demo(
     timings["vqvae_evaluation"] = time.perf_counter() - t
     t = time.perf_counter()
     print(f"[3/5] federated prior job: {prior_rounds} rounds (codes computed at each site) ...", flush=True)
-    prior_init = str(ck.parent) if ck is not None and (ck.parent / "prior.pt").is_file() else ""
-    run_job("prior", "sim", out, num_rounds=prior_rounds, max_steps=prior_steps, init=prior_init, **common)
+    run_job(
+        "prior", "sim", out, num_rounds=prior_rounds, max_steps=prior_steps, init=str(ck_dir or ""), **common
+    )
     timings["prior_job"] = time.perf_counter() - t
     t = time.perf_counter()
     print("[4/5] global model, model card, MONAI bundle ...", flush=True)

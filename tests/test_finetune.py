@@ -80,6 +80,27 @@ def test_init_resolution_and_architecture_check(tmp_path, prof, monkeypatch):
     assert "vqvae.num_res_channels" in str(exc.value) and "data.shape" not in str(exc.value)
 
 
+def test_a_directory_whose_prior_adds_a_prior_key_starts_both_jobs(tmp_path, prof):
+    """A global-model directory whose prior was trained with a prior key its VQ-VAE's stored profile lacks
+    (``cond_every_position``): the directory's profile is the prior's, and with it both jobs start from the
+    checkpoint (the demo's path; with the VQ-VAE's profile the prior job refused the checkpoint)."""
+    from fl_app.config import apply_overrides, profile_to_yaml
+    from fl_app.fl.server import FROZEN_PREFIX, build_initial_state
+    from fl_app.models.pretrained import checkpoint_profile_dict
+    from fl_app.models.prior import build_prior, save_prior
+
+    ck = _checkpoint_dir(tmp_path, prof)
+    full = apply_overrides(prof.model_dump(mode="json"), {"prior": {"cond_every_position": True}}, "test")
+    save_prior(build_prior(full), full, ck / "prior.pt")
+    (ck / "profile.yaml").write_text(profile_to_yaml(full))
+    pd = checkpoint_profile_dict(ck)
+    assert pd["prior"]["cond_every_position"] is True
+    assert checkpoint_profile_dict(ck / "vqvae.pt")["prior"]["cond_every_position"] is False
+    build_initial_state("vqvae", pd, dp=True, init=str(ck))
+    params, _ = build_initial_state("prior", pd, frozen_vqvae=str(ck / "vqvae.pt"), init=str(ck))
+    assert "cond_proj.weight" in params and not any(k.startswith(FROZEN_PREFIX + "cond") for k in params)
+
+
 def test_initial_global_model_is_the_checkpoint(tmp_path, prof):
     from fl_app.fl.run import job_profile
     from fl_app.fl.server import FROZEN_PREFIX, build_initial_state

@@ -70,12 +70,14 @@ def resolve_init(
 
 
 def checkpoint_profile_dict(path: str | Path) -> dict[str, Any]:
-    """The profile stored in a VQ-VAE / prior ``.pt`` (or a global-model directory's ``vqvae.pt``)."""
+    """The profile stored in a VQ-VAE / prior ``.pt``; for a global-model directory, its ``prior.pt``'s (the
+    whole profile: the VQ-VAE's sections as they were, plus the prior section it was trained with), or its
+    ``vqvae.pt``'s when it has no prior."""
     import torch
 
     p = Path(path)
     if p.is_dir():
-        p = p / "vqvae.pt"
+        p = p / "prior.pt" if (p / "prior.pt").is_file() else p / "vqvae.pt"
     payload = torch.load(p, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or not isinstance(payload.get("profile"), dict):
         raise ValueError(f"{p}: not a synthbrain checkpoint (no profile inside)")
