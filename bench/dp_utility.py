@@ -284,11 +284,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if vq_path is not None:  # the checkpoint's profile (it travels with the weights); --tiny does not apply
         if args.tiny:
             raise SystemExit("--tiny and --init: the checkpoint fixes the architecture; drop --tiny")
-        prof = apply_overrides(checkpoint_profile_dict(vq_path), overrides, source=str(vq_path))
         try:
             prior_path = resolve_init(args.init, "prior", args.profile)
         except FileNotFoundError:
             prior_path = None  # a VQ-VAE-only checkpoint: the prior starts from scratch
+        # the prior's stored profile is the whole one (the VQ-VAE's sections and the prior's own)
+        ck_path = prior_path or vq_path
+        prof = apply_overrides(checkpoint_profile_dict(ck_path), overrides, source=str(ck_path))
     else:
         prof = load_profile(args.profile, overrides)
     torch.set_num_threads(args.threads)
