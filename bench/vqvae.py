@@ -50,11 +50,12 @@ from fl_app.train.vqvae_local import (
 )
 
 
-def _load(paths: list[Path], profile, cache: Path) -> list[dict[str, torch.Tensor]]:
-    """Preprocess every subject once and keep the tensors the VQ-VAE needs in memory."""
+def _load(paths: list[Path], profile, cache: Path, limit: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Preprocess every subject (the first ``limit`` of each site) once and keep the tensors the VQ-VAE needs
+    in memory."""
     items = []
     for p in paths:
-        ds = SiteDataset(read_bids(p).valid(), profile, cache_dir=cache)
+        ds = SiteDataset(read_bids(p).valid()[:limit], profile, cache_dir=cache)
         for i in range(len(ds)):
             it = ds[i]
             items.append({k: it[k] for k in VQVAE_BATCH_KEYS})
@@ -121,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this run")
     ap.add_argument("--workdir", type=Path, default=None, help="keep simulated data here (default: temp)")
     ap.add_argument(
-        "--reuse-data", action="store_true", help="reuse the sites already simulated in --workdir (tuning)"
+        "--reuse-data",
+        action="store_true",
+        help="reuse the sites already simulated in --workdir (the first --subjects-per-site of each training "
+        "site and the first --test-subjects held out: e.g. 16 / 67 / 200 of the same 200 for a scaling run)",
     )
     add_set_args(ap, help="profile override")  # and --set-file, e.g. a tune study's best.yaml
     ap.add_argument(
@@ -160,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             work / "train", args.sites, args.subjects_per_site, profile, seed=args.seed
         )
         test_sites = simulate_sites(work / "test", 1, args.test_subjects, profile, seed=args.seed + 1000)
-    train_items = _load(train_sites, profile, work / "cache")
-    test_items = _load(test_sites, profile, work / "cache")
+    # reused sites: the first --subjects-per-site / --test-subjects of each (nested subsets for scaling runs)
+    train_items = _load(train_sites, profile, work / "cache", args.subjects_per_site)
+    test_items = _load(test_sites, profile, work / "cache", args.test_subjects)
     data_seconds = time.perf_counter() - t0
     print(
         f"data: {len(train_items)} train / {len(test_items)} held-out subjects in {data_seconds:.0f} s",
