@@ -8,7 +8,9 @@ or ``--model``/``--reference`` explicitly, it
    sampling throughput in volumes/s, includes decoding and writing NIfTI);
 2. evaluates them against the sites (:func:`fl_app.evaluate.fidelity.evaluate`, generating law as
    the target since the sites are simulated);
-3. runs the federated memorisation audit against each site (:func:`fl_app.evaluate.audit.site_audit`).
+3. runs the federated memorisation audit against each site that trained the model (``--audit-sites``,
+   default the run's own sites; :func:`fl_app.evaluate.audit.site_audit`): held-out references cannot
+   have been memorised.
 
 Prints one JSON document (``--json OUT`` also writes it) with the issue's targets::
 
@@ -53,6 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--pairs", type=int, default=30)
     ap.add_argument("--work", default=None, help="scratch dir (default RUN/bench_cohort)")
+    ap.add_argument(
+        "--audit-sites",
+        nargs="+",
+        help="the sites whose subjects trained the model, for the memorisation audit (default RUN/data/site-* "
+        "when they exist, else the reference sites)",
+    )
+    ap.add_argument(
+        "--reuse-cohort",
+        action="store_true",
+        help="evaluate and audit the cohort an earlier run left in WORK/cohort instead of sampling again "
+        "(sampling keys are then null)",
+    )
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args(argv)
 
@@ -80,9 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     if not refs:
         print("error: no reference sites (give --reference)", file=sys.stderr)
         return 2
+    # memorisation is judged against the subjects the model was trained on, not against held-out references
+    audit_sites = (
+        [Path(r) for r in args.audit_sites] if args.audit_sites else sorted((run / "data").glob("site-*"))
+    )
+    audit_sites = audit_sites or refs
     work = Path(args.work) if args.work else run / "bench_cohort"
-    shutil.rmtree(work, ignore_errors=True)
     cohort = work / "cohort"
+    if args.reuse_cohort and not (cohort / "participants.tsv").is_file():
+        print(f"error: --reuse-cohort: no cohort in {cohort}", file=sys.stderr)
+        return 2
+    if not args.reuse_cohort:
+        shutil.rmtree(work, ignore_errors=True)
 
     gm = load_global_model(model, device=args.device)
     n = args.n
@@ -94,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         CohortRow(f"sub-synth{i + 1:04d}", round(ages[int(perm[i])], 1), SEXES[i % 2], DIAGNOSES[i % 3])
         for i in range(n)
     ]
-    res = sample_cohort(gm, rows, cohort, seed=args.seed, chunk_size=args.batch_size, progress=False,
-                        device=args.device, temperature=args.temperature, guidance=args.guidance)  # fmt: skip
+    if args.reuse_cohort:
+        res = {"device": args.device, "volumes_per_s": None, "seconds": None}
+    else:
+        res = sample_cohort(gm, rows, cohort, seed=args.seed, chunk_size=args.batch_size, progress=False,
+                            device=args.device, temperature=args.temperature, guidance=args.guidance)  # fmt: skip
 
     t = time.perf_counter()
     synth = load_cohort_subjects(cohort)
@@ -103,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ev = evaluate(synth, ref, simulated=True, n_pairs=args.pairs, seed=args.seed)
     eval_s = time.perf_counter() - t
     t = time.perf_counter()
-    audits = [site_audit(cohort, r, gm.profile, 0.05, work / "cache") for r in refs]
+    audits = [site_audit(cohort, r, gm.profile, 0.05, work / "cache") for r in audit_sites]
     audit = combine_site_audits(audits)
     audit_s = time.perf_counter() - t
 
@@ -115,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(model),
         "model_sha256": gm.model_hash,
         "reference_sites": [str(r) for r in refs],
+        "audit_sites": [str(r) for r in audit_sites],
         "n_synthetic": n,
         "n_reference": len(ref),
         "device": res["device"],
