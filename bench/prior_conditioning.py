@@ -425,12 +425,7 @@ def evaluate_checkpoint(
             "source": str(prior_path),
             "checkpoint_extra": getattr(prior, "checkpoint_extra", {}),
         },
-        "profile": profile.name,
-        "vqvae": vq_info,
-        "device": str(dev),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
+        **_run_info(profile, vq_info, dev),
         "sites": None,
         "subjects_per_site": None,
         "n_train": None,
@@ -463,6 +458,18 @@ def evaluate_checkpoint(
 
 
 # --------------------------------------------------------------------------- the bench
+
+
+def _run_info(profile: Profile, vq_info: dict[str, Any], dev: Any) -> dict[str, Any]:
+    """The keys every mode's JSON shares: profile, VQ-VAE source, device, threads, platform, torch."""
+    return {
+        "profile": profile.name,
+        "vqvae": vq_info,
+        "device": str(dev),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -605,12 +612,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bench": "bench/prior_conditioning.py",
         "mode": "trained pair",
         "unconditional_control": "a second prior trained here with cond_dropout = 1",
-        "profile": profile.name,
-        "vqvae": vq_info,
-        "device": str(dev),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
+        **_run_info(profile, vq_info, dev),
         "sites": args.sites,
         "subjects_per_site": args.subjects,
         "n_train": len(train_codes),
