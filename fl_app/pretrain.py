@@ -129,8 +129,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
         rc = run_train_local_vqvae(_stage_args(add_train_local_vqvae_parser, vq_argv))
         if rc:
             return rc
-        done = json.loads((out / "vqvae" / "metrics.json").read_text())
-        _record_stage(out / "vqvae", command, done, resumed, [])
+    # this run's VQ-VAE metrics, or those of the run that trained it (--skip-vqvae): read once
+    vq_metrics = json.loads((out / "vqvae" / "metrics.json").read_text())
+    if not args.skip_vqvae:
+        _record_stage(out / "vqvae", command, vq_metrics, resumed, [])
     vq_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     prior_sets = _set_args(args.prior_set_file, args.prior_set)
@@ -174,7 +176,6 @@ def run_pretrain(args: argparse.Namespace) -> int:
     shutil.copy2(out / "prior" / "prior.pt", gdir / "prior.pt")
     _, prof = load_prior(gdir / "prior.pt")
     (gdir / "profile.yaml").write_text(profile_to_yaml(prof))
-    vq_metrics = json.loads((out / "vqvae" / "metrics.json").read_text())
     vq_stages_file = out / "vqvae" / STAGES_FILE
     vq_stages = json.loads(vq_stages_file.read_text()) if vq_stages_file.is_file() else []
     card = {
