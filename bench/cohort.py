@@ -10,7 +10,12 @@ or ``--model``/``--reference`` explicitly, it
    the target since the sites are simulated);
 3. runs the federated memorisation audit against each site that trained the model (``--audit-sites``,
    default the run's own sites; :func:`fl_app.evaluate.audit.site_audit`): held-out references cannot
-   have been memorised.
+   have been memorised; with its two controls: the held-out references audited the same way (none of them
+   can be a copy: ``audit_flagged_reference``) and the VQ-VAE's reconstructions of the training subjects (the
+   worst-case copy: ``audit_positive_control_flagged_fraction`` should be 1).
+
+Each law-scored target has a ``*_reference`` twin: the real reference subjects' own error against the law
+with the same estimator (the floor a perfect generator would reach on this many subjects).
 
 Prints one JSON document (``--json OUT`` also writes it) with the issue's targets::
 
@@ -37,8 +42,49 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+
+
+def _audit_controls(gm, audit_sites: list[Path], refs: list[Path], ref, cache: Path) -> dict[str, Any]:
+    """The audit's two controls, run exactly as the cohort's audit:
+
+    * negative: the real reference subjects, which never trained the model, against the audit sites
+      (``audit_flagged_reference`` of ``audit_n_reference``; null when a reference site is an audit site);
+    * positive: the VQ-VAE's reconstruction of every training subject of every audit site against its own site —
+      what a prior that replays a training code sequence decodes to, the worst case of memorisation
+      (``audit_positive_control_flagged_fraction``, should be 1).
+    """
+    import numpy as np
+
+    from fl_app.data.cohort import read_bids
+    from fl_app.data.dataset import SiteDataset
+    from fl_app.evaluate.audit import combine_site_audits, site_audit_arrays
+    from fl_app.models.vqvae import decode, encode
+
+    disjoint = not {p.resolve() for p in refs} & {p.resolve() for p in audit_sites}
+    neg, pos_flagged, pos_n = [], 0, 0
+    for site in audit_sites:
+        ds = SiteDataset(read_bids(site).valid(), gm.profile, cache / site.name)
+        items = [ds[i] for i in range(len(ds))]
+        training = [it["image"][0].numpy() for it in items]
+        if disjoint:
+            neg.append(site_audit_arrays(list(ref.images), list(ref.ids), training, site.name))
+        with_labels = [it for it in items if bool(it["has_label"])]
+        if with_labels:
+            img = torch.stack([it["image"] for it in with_labels]).float()
+            lab = torch.stack([it["label"] for it in with_labels]).long()
+            with torch.no_grad():
+                rec = decode(gm.vqvae, encode(gm.vqvae, img, lab))[0][:, 0]  # labels: ignored unless joint
+            r = site_audit_arrays(list(rec.numpy().astype(np.float32)), [f"r{i}" for i in range(len(rec))],
+                                  training, site.name)  # fmt: skip
+            pos_flagged, pos_n = pos_flagged + len(r["flagged"]), pos_n + len(rec)
+    return {
+        "audit_flagged_reference": combine_site_audits(neg)["n_flagged"] if disjoint else None,
+        "audit_n_reference": len(ref) if disjoint else None,
+        "audit_positive_control_flagged_fraction": pos_flagged / pos_n if pos_n else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     audits = [site_audit(cohort, r, gm.profile, 0.05, work / "cache") for r in audit_sites]
     audit = combine_site_audits(audits)
     audit_s = time.perf_counter() - t
+    controls = _audit_controls(gm, audit_sites, refs, ref, work / "cache")
 
     s = ev["summary"]
     slope_err = s.get("btf_slope_error_pct_vs_law", math.nan)
@@ -157,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         **{k: v for k, v in s.items() if k not in ("n_synthetic", "n_reference")},
         "audit_flagged": audit["n_flagged"],
         "audit_min_distance_over_threshold": audit["min_distance_over_threshold"],
+        "audit_within_threshold_per_site": [a["n_within_threshold"] for a in audits],
+        **controls,
         "targets": {
             "btf_slope_error_pct_vs_law<=30": bool(slope_err <= 30.0),
             "btf_slope_error_pct_vs_law<=20 (goal)": bool(slope_err <= 20.0),

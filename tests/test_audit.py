@@ -131,3 +131,22 @@ def test_audit_of_a_brain_extracted_profile_uses_the_label_maps(head, tmp_path):
     (cohort / "participants.tsv").write_text("participant_id\tage\tsex\tdiagnosis\nsub-copy\t70\tF\tCN\n")
     res = site_audit(cohort, site, masked, quantile=0.05, cache_dir=tmp_path / "cache")
     assert res["n_training"] == 5 and res["flagged"] == ["sub-copy"]
+
+
+def test_a_look_alike_within_the_threshold_is_not_a_copy():
+    """A sample between two near-twin training subjects (0.45 / 0.55 of the way, so d1 / d2 = 0.82) lies within
+    the site threshold but is not a copy of either; a copy of a third subject (plus noise) is flagged."""
+    rng = np.random.default_rng(1)
+    base = [ndi.gaussian_filter(rng.random((16, 16, 16)), 1.0).astype(np.float32) for _ in range(6)]
+    twin = base[0] + 0.05 * ndi.gaussian_filter(rng.standard_normal((16, 16, 16)), 1.0).astype(np.float32)
+    train = [*base, twin]  # subjects 0 and 6 are near twins: they set the 5 % threshold
+    look_alike = 0.55 * train[0] + 0.45 * train[6]
+    copy = train[3] + 0.001 * rng.standard_normal((16, 16, 16)).astype(np.float32)
+    r = site_audit_arrays([look_alike, copy], ["look", "copy"], train, quantile=0.05)
+    assert r["n_within_threshold"] == 2  # both are closer than the site's threshold
+    assert r["flagged"] == ["copy"]  # only the copy is distinctly closer to one subject than to any other
+    assert r["nearest_ratio"] == pytest.approx(2 / 3)
+    strict = site_audit_arrays([look_alike, copy], ["look", "copy"], train, quantile=0.05, nearest_ratio=1.0)
+    assert strict["flagged"] == ["look", "copy"]  # ratio 1: the threshold alone, as before
+    with pytest.raises(ValueError, match="nearest_ratio"):
+        site_audit_arrays([copy], ["copy"], train, nearest_ratio=0.0)

@@ -109,6 +109,27 @@ def test_realism_metrics_against_reference():
     assert len(res["distribution"]["features"]) == len(FEATURE_NAMES)
 
 
+def test_reference_controls_are_the_real_subjects_own_errors():
+    """The ``*_reference`` controls score the real reference against the law exactly as the synthetic cohort is
+    scored: a cohort that *is* the reference gets the same errors, and 0 against the reference."""
+    real = simulated_cohort(24, seed=3)
+    summ = evaluate(real, real, simulated=True, n_pairs=4)["summary"]
+    for name in ("btf", "btf_intensity"):
+        assert summ[f"{name}_slope_error_pct_vs_law_reference"] == pytest.approx(
+            summ[f"{name}_slope_error_pct_vs_law"]
+        )
+    assert summ["btf_intensity_slope_error_pct_vs_reference"] == pytest.approx(0.0, abs=1e-9)
+    assert summ["btf_ad_minus_cn_error_pct_vs_law_reference"] == pytest.approx(
+        summ["btf_ad_minus_cn_error_pct_vs_law"]
+    )
+    assert summ["icv_ratio_error_vs_law_reference"] == pytest.approx(summ["icv_ratio_error_vs_law"])
+    other = evaluate(simulated_cohort(12, seed=4, slope_scale=0.5), real, simulated=True, n_pairs=4)[
+        "summary"
+    ]
+    assert other["btf_slope_error_pct_vs_law_reference"] == pytest.approx(summ["btf_slope_error_pct_vs_law"])
+    assert other["btf_slope_error_pct_vs_law"] > other["btf_slope_error_pct_vs_law_reference"]
+
+
 def test_mmd_and_features():
     rng = np.random.default_rng(0)
     x, y, z = rng.normal(size=(30, 4)), rng.normal(size=(30, 4)), rng.normal(1.0, 1.0, size=(30, 4))

@@ -367,6 +367,11 @@ def evaluate(
                 entry["slope_error_pct_vs_law"] = slope_error_pct(
                     entry["synthetic"]["slope"], entry["law"]["slope"]
                 )
+            law_r = _law_values(reference, _LAW_KEY[name]) if "reference" in entry else None
+            if law_r is not None and reference is not None:  # the control: the real subjects' own error
+                entry["reference_slope_error_pct_vs_law"] = slope_error_pct(
+                    entry["reference"]["slope"], age_slope(reference.ages, law_r, _groups(reference))["slope"]
+                )
         fid[name] = entry
     res["fidelity"] = fid
     res["per_subject"] = {"synthetic": _per_subject(synth, ms)}
@@ -383,6 +388,17 @@ def evaluate(
         summary["btf_slope_error_pct_vs_law"] = b["slope_error_pct_vs_law"]
     if "slope_error_pct_vs_law" in fid["btf_intensity"]:
         summary["btf_intensity_slope_error_pct_vs_law"] = fid["btf_intensity"]["slope_error_pct_vs_law"]
+    if "slope_error_pct_vs_reference" in fid["btf_intensity"]:
+        summary["btf_intensity_slope_error_pct_vs_reference"] = fid["btf_intensity"][
+            "slope_error_pct_vs_reference"
+        ]
+    for (
+        name
+    ) in _LAW_KEY:  # how far the real reference subjects themselves are from the law (the measure's floor)
+        if "reference_slope_error_pct_vs_law" in fid[name]:
+            summary[f"{name}_slope_error_pct_vs_law_reference"] = fid[name][
+                "reference_slope_error_pct_vs_law"
+            ]
     if "slope_error_pct_vs_reference" in fid["csf_ml"]:
         summary["csf_ml_slope_error_pct_vs_reference"] = fid["csf_ml"]["slope_error_pct_vs_reference"]
     contrasts = {"synthetic": group_contrasts(synth, ms)}
@@ -402,6 +418,14 @@ def evaluate(
             c["btf_ad_minus_cn_at_75"], law["btf_ad_minus_cn_at_75"]
         )
         summary["icv_ratio_error_vs_law"] = abs(c["icv_male_female_ratio"] - law["icv_male_female_ratio"])
+        if "reference" in contrasts:
+            r = contrasts["reference"]
+            summary["btf_ad_minus_cn_error_pct_vs_law_reference"] = slope_error_pct(
+                r["btf_ad_minus_cn_at_75"], law["btf_ad_minus_cn_at_75"]
+            )
+            summary["icv_ratio_error_vs_law_reference"] = abs(
+                r["icv_male_female_ratio"] - law["icv_male_female_ratio"]
+            )
     ss = pairwise_ms_ssim(synth.images, n_pairs, seed)
     res["ms_ssim"] = {"synthetic": ss}
     summary["ms_ssim_synthetic"] = ss["mean"]

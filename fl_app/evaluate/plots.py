@@ -199,7 +199,7 @@ def _audit(res: dict[str, Any]) -> tuple[str, str] | None:
     fig, ax = plt.subplots(figsize=(5.6, 3.2))
     ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="tab:purple", alpha=0.7,
            edgecolor="k", label="synthetic subjects")  # fmt: skip
-    ax.axvline(1.0, color="r", lw=1.5, label="threshold (closer = flagged)")
+    ax.axvline(1.0, color="r", lw=1.5, label="threshold")
     ax.set_xlabel("nearest real subject distance / site threshold")
     ax.set_ylabel("synthetic subjects")
     ax.legend(fontsize=8)
@@ -211,7 +211,8 @@ def _audit(res: dict[str, Any]) -> tuple[str, str] | None:
         "Memorisation audit: for every synthetic subject, the distance to its nearest real subject at "
         "each site divided by that site's threshold (summed over sites; only this histogram leaves a site). "
         "Bars left of the red line are subjects closer to a real person than the site's own subjects are "
-        "to each other at the audit quantile."
+        "to each other at the audit quantile; of those, a subject is flagged as a near copy only if it is "
+        "also distinctly closer to one real subject than to any other (nearest < 2/3 of the second nearest)."
     )
 
 
