@@ -31,9 +31,12 @@ sampled per round (``--fedavg-per-round``), ``--fedavg-rounds`` rounds × ``--fe
 (``--fedavg-clip`` overrides; the pilot is not private). Its cost is the PSNR drop against the same run
 without server noise (same clip, same sampled sites).
 
-VQ-VAE: PSNR on the held-out site. Prior: trained the same way on the codes of the *no-DP* VQ-VAE (so
-bits per code are comparable across settings and measure the prior's own DP cost), evaluated on the
-held-out site's codes. Prints / writes JSON with each setting's metrics, ε and wall time, plus the
+VQ-VAE: PSNR on the held-out site. Prior: trained the same way on one common set of codes, so bits per code
+are comparable across settings and measure the prior's own DP cost, evaluated on the held-out site's codes.
+``--prior-codes init`` (the default with ``--init``): the codes of the starting VQ-VAE, i.e. the public
+checkpoint kept frozen (a consortium that fine-tunes only the prior; fine-tuning the VQ-VAE would move the codes
+under the checkpoint prior); ``no_dp`` (the default from scratch, where the starting VQ-VAE is untrained): the
+codes of the no-DP fine-tuned VQ-VAE. Prints / writes JSON with each setting's metrics, ε and wall time, plus the
 untrained models' held-out PSNR / bits per code (``initial``), so "no DP learned something" can be checked.
 DP-SGD's ε is per job (VQ-VAE, prior) and for both jobs composed on one site ledger (``site_epsilon_total``).
 Target: ε = 8 within 1 dB PSNR of no DP on cpu-demo. ``--tiny``: 32³ at 5 mm (as ``synthbrain demo --tiny``),
@@ -253,13 +256,27 @@ def _fedavg_sites(
     return rows
 
 
+def _prior_codes(vq, train_sets: list, held, prof, prior_init: dict[str, torch.Tensor]):
+    """The common ground of every prior setting: (training sites' codes, held-out code loader, held-out bits per
+    code of the starting prior) under the VQ-VAE ``vq``."""
+    from fl_app.models.prior import build_prior
+    from fl_app.train.prior_local import encode_codes, evaluate_prior, make_prior_loader
+
+    vq.eval()
+    codes = [encode_codes(vq, ds) for ds in train_sets]
+    held_codes = make_prior_loader(encode_codes(vq, held), 2, shuffle=False)
+    init_prior = build_prior(prof)
+    init_prior.load_state_dict(prior_init)
+    return codes, held_codes, evaluate_prior(init_prior, held_codes)["bits_per_code"]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from fl_app.config import apply_overrides, load_profile
     from fl_app.models.pretrained import checkpoint_profile_dict, resolve_init
     from fl_app.models.prior import build_prior, load_prior
     from fl_app.models.vqvae import build_vqvae, load_vqvae
     from fl_app.privacy.accountant import epsilon_from_history
-    from fl_app.train.prior_local import encode_codes, evaluate_prior, make_prior_loader
+    from fl_app.train.prior_local import evaluate_prior
     from fl_app.train.vqvae_local import evaluate_vqvae
 
     overrides: dict[str, Any] | None = None
@@ -350,6 +367,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["setup_seconds"] = time.perf_counter() - t_all
         print(json.dumps({"initial": out["initial"]}), flush=True)
         codes = held_codes = None
+        prior_codes = args.prior_codes or ("no_dp" if vq_path is None else "init")
+        out["prior_codes"] = prior_codes
+        if not args.no_prior and prior_codes == "init":
+            codes, held_codes, out["initial"]["prior_bits_per_code"] = _prior_codes(
+                init_vq, train_sets, held, prof, prior_init
+            )
         if args.fedavg_sites:
             out["dp_fedavg_sites"] = _fedavg_sites(args, prof, vq_init, held_loader, tmp)
             print(json.dumps({"dp_fedavg_sites": out["dp_fedavg_sites"]}), flush=True)
@@ -369,12 +392,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(json.dumps({s["name"]: out["results"][s["name"]]}), flush=True)
                 continue
             if codes is None:  # the no-DP VQ-VAE's codes: the common ground for every prior setting
-                codes = [encode_codes(vq.eval(), ds) for ds in train_sets]
-                held_codes = make_prior_loader(encode_codes(vq.eval(), held), 2, shuffle=False)
-                init_prior = build_prior(prof)
-                init_prior.load_state_dict(prior_init)
-                init_bits = evaluate_prior(init_prior, held_codes)["bits_per_code"]
-                out["initial"]["prior_bits_per_code"] = init_bits
+                codes, held_codes, out["initial"]["prior_bits_per_code"] = _prior_codes(
+                    vq, train_sets, held, prof, prior_init
+                )
             pr_state, acct_pr = _fed_train("prior", prof, codes, s, args.prior_rounds, args.prior_steps, args.seed,
                                            prior_init, prior_items)  # fmt: skip
             prior = build_prior(prof)
@@ -429,6 +449,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dp-lr", type=float, default=None, help="learning rate of the DP-SGD settings (default --lr)"
     )
     p.add_argument("--no-prior", action="store_true", help="VQ-VAE only (prior keys are null)")
+    p.add_argument(
+        "--prior-codes",
+        choices=["init", "no_dp"],
+        default=None,
+        help="codes every prior setting trains on: the starting (frozen checkpoint) VQ-VAE's or the no-DP "
+        "fine-tuned one's (default: init with --init, no_dp from scratch)",
+    )
     p.add_argument(
         "--fedavg-sites", type=int, nargs="*", default=[], help="site-level DP-FedAvg: total sites N"
     )
