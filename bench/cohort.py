@@ -88,6 +88,8 @@ def _audit_controls(gm, audit_sites: list[Path], refs: list[Path], ref, cache: P
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fl_app.generate.sample_cohort import guidance_arg
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/demo", help="demo run dir (global/ + data/site-*)")
     ap.add_argument("--model", help="global model dir (default RUN/global)")
@@ -97,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (1 = none)")
+    ap.add_argument(
+        "--guidance",
+        type=guidance_arg,
+        default=1.0,
+        help="classifier-free guidance weight (1 = none), or one per covariate: age=3,sex=5,diagnosis=5",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--pairs", type=int, default=30)
     ap.add_argument("--work", default=None, help="scratch dir (default RUN/bench_cohort)")

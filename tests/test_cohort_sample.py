@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -167,3 +168,30 @@ def test_spec_tsv_cli_and_gate(model_dir, tmp_path):
     assert [p["participant_id"] for p in _tsv(out / "participants.tsv")] == ["sub-A01", "sub-C03"]
     assert args.func(args) == 0  # resuming does not re-create the withheld subject
     assert not (out / "sub-B02").exists()
+
+
+def test_per_covariate_guidance_is_recorded_and_checked(model_dir, gm, tmp_path):
+    """``--guidance age=3,sex=5`` travels into the cohort's sampling settings and each subject's sidecar; a resumed
+    run with other weights is refused, and a malformed weight is refused before anything is written."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    add_sample_parser(ap.add_subparsers())
+    out = tmp_path / "g"
+    base = ["sample", "--vqvae", str(model_dir), "--prior", str(model_dir / "prior.pt"), "--n", "2", "--age",
+            "70-80", "--sex", "F", "--diagnosis", "AD", "--out", str(out), "--quiet", "--device", "cpu"]  # fmt: skip
+    args = ap.parse_args([*base, "--guidance", "age=3,sex=5"])
+    assert args.guidance == {"age": 3.0, "sex": 5.0, "diagnosis": 1.0}
+    assert args.func(args) == 0
+    want = {"age": 3.0, "sex": 5.0, "diagnosis": 1.0}
+    assert json.loads((out / "code" / "synthbrain" / "sampling.json").read_text())["guidance"] == want
+    side = json.loads((out / "sub-synth0001" / "anat" / "sub-synth0001_T1w.json").read_text())
+    assert side["Synthbrain"]["Guidance"] == want
+    rows = make_rows(2, (70, 80), "F", "AD", seed=0)
+    with pytest.raises(ValueError, match="guidance"):
+        sample_cohort(gm, rows, out, progress=False, device="cpu", guidance=3.0)
+    with pytest.raises(SystemExit):
+        ap.parse_args([*base, "--guidance", "height=2"])
+    with pytest.raises(ValueError, match="finite"):
+        sample_cohort(gm, rows, tmp_path / "bad", progress=False, device="cpu", guidance={"age": math.inf})
+    assert not (tmp_path / "bad").exists()

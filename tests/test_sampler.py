@@ -9,7 +9,14 @@ import torch
 
 from fl_app.config import PriorSection
 from fl_app.data.covariates import UNKNOWN_DIAGNOSIS
-from fl_app.generate.sampler import filter_logits, make_condition, sample, sample_next
+from fl_app.generate.sampler import (
+    filter_logits,
+    guidance_levels,
+    make_condition,
+    parse_guidance,
+    sample,
+    sample_next,
+)
 from fl_app.models.prior import ConditionalPrior
 
 V = 16
@@ -230,3 +237,35 @@ def test_classifier_free_guidance(attention):
     lu = m(seq[:, :-1], unknown["age"], unknown["sex"], unknown["diagnosis"])
     assert torch.equal((lu + 2.0 * (lc - lu)).argmax(-1), seq)
     assert not torch.equal(g, sample(m, 3, COND, temperature=0.0, progress=False))  # it changed the draw
+
+
+def test_guidance_per_covariate():
+    """One weight per covariate chains l_0 + w_age·(l_1 − l_0) + w_sex·(l_2 − l_1) + w_dx·(l_3 − l_2): equal weights
+    are the single-weight rule (same draws); guiding only the diagnosis follows l_2 + w·(l_3 − l_2) greedily."""
+    m = _model("softmax")
+    same = {"age": 2.0, "sex": 2.0, "diagnosis": 2.0}
+    assert torch.equal(sample(m, 3, COND, seed=5, progress=False, guidance=same),
+                       sample(m, 3, COND, seed=5, progress=False, guidance=2.0))  # fmt: skip
+    g = sample(m, 3, COND, temperature=0.0, progress=False, guidance={"diagnosis": 3.0})
+    seq = m.grid_to_sequence(g)
+    no_dx = dict(COND, diagnosis=make_condition(3)["diagnosis"])
+    l3 = m(seq[:, :-1], COND["age"], COND["sex"], COND["diagnosis"])
+    l2 = m(seq[:, :-1], no_dx["age"], no_dx["sex"], no_dx["diagnosis"])
+    assert torch.equal((l2 + 3.0 * (l3 - l2)).argmax(-1), seq)
+    assert not torch.equal(g, sample(m, 3, COND, temperature=0.0, progress=False, guidance=3.0))
+
+
+def test_guidance_levels_and_parsing():
+    assert guidance_levels(1.0) == [(3, 1.0)]  # plain conditional sampling: one pass
+    assert guidance_levels(3.0) == [(0, -2.0), (3, 3.0)]
+    assert guidance_levels(0.0) == [(0, 1.0)]  # unconditional
+    assert guidance_levels({"age": 3.0, "sex": 5.0, "diagnosis": 5.0}) == [(0, -2.0), (1, -2.0), (3, 5.0)]
+    assert parse_guidance("4") == 4.0
+    assert parse_guidance("age=3, sex=5,diagnosis=5") == {"age": 3.0, "sex": 5.0, "diagnosis": 5.0}
+    assert parse_guidance("sex=5") == {"age": 1.0, "sex": 5.0, "diagnosis": 1.0}
+    assert parse_guidance("age=2,sex=2,diagnosis=2") == 2.0
+    for bad in ("height=2", "age", "age=x"):
+        with pytest.raises(ValueError, match="guidance"):
+            parse_guidance(bad)
+    with pytest.raises(ValueError, match="unknown covariates"):
+        guidance_levels({"weight": 2.0})

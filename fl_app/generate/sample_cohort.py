@@ -47,7 +47,15 @@ from fl_app.generate.cohort_folder import (
 from fl_app.global_model import GlobalModel, load_global_model
 from fl_app.train.common import resolve_device
 
-__all__ = ["add_sample_parser", "chunk_seed", "make_rows", "parse_age", "read_spec", "sample_cohort"]
+__all__ = [
+    "add_sample_parser",
+    "chunk_seed",
+    "guidance_arg",
+    "make_rows",
+    "parse_age",
+    "read_spec",
+    "sample_cohort",
+]
 
 
 def parse_age(text: str | None) -> float | tuple[float, float] | None:
@@ -156,13 +164,14 @@ def sample_cohort(
     progress: bool = True,
     device: str | torch.device | None = None,
     precision: str = "float32",
-    guidance: float = 1.0,
+    guidance: float | dict[str, float] = 1.0,
 ) -> dict[str, Any]:
     """Sample and write the cohort ``rows`` under ``out`` (see the module docstring).
 
     ``precision``: the prior's sampling precision (``"float32"`` or ``"bfloat16"``, see
     :func:`fl_app.generate.sampler.sample`); part of the cohort's settings like the seed, as is
-    ``guidance`` (the classifier-free guidance weight; 1 = none).
+    ``guidance`` (the classifier-free guidance weight, or one per covariate; 1 = none; see
+    :mod:`fl_app.generate.sampler`).
 
     Returns ``{"written": n newly written, "skipped": n already there, "withheld": n, "seconds": s,
     "volumes_per_s": newly written / s}``. Raises ``ValueError`` if ``out`` holds a cohort sampled
@@ -170,8 +179,13 @@ def sample_cohort(
     """
     from tqdm.auto import tqdm
 
-    from fl_app.generate.sampler import sample
+    from fl_app.generate.sampler import guidance_levels, sample
     from fl_app.models.vqvae import decode
+
+    guidance_levels(guidance)  # a bad weight fails here, before anything is written
+    guidance = (
+        float(guidance) if not isinstance(guidance, dict) else {k: float(v) for k, v in guidance.items()}
+    )
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +199,7 @@ def sample_cohort(
         "top_k": top_k,
         "top_p": top_p,
         "precision": precision,
-        "guidance": float(guidance),
+        "guidance": guidance,
         "device_type": dev.type,
         "subjects": [asdict(r) for r in rows],
     }
@@ -249,7 +263,7 @@ def sample_cohort(
                     "Temperature": float(temperature),
                     "TopK": top_k,
                     "TopP": top_p,
-                    "Guidance": float(guidance),
+                    "Guidance": guidance,
                     "Covariates": {"age": r.age, "sex": r.sex, "diagnosis": r.diagnosis},
                     "ModelSha256": gm.model_hash,
                 }
@@ -331,6 +345,16 @@ def _run_sample(args: argparse.Namespace) -> int:
     return status
 
 
+def guidance_arg(text: str) -> float | dict[str, float]:
+    """argparse ``type`` of ``--guidance`` (:func:`fl_app.generate.sampler.parse_guidance`)."""
+    from fl_app.generate.sampler import parse_guidance
+
+    try:
+        return parse_guidance(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def add_sample_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``synthbrain sample`` to an argparse subparsers object."""
     p = subparsers.add_parser(
@@ -359,10 +383,11 @@ def add_sample_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument(
         "--guidance",
-        type=float,
+        type=guidance_arg,
         default=1.0,
         help="classifier-free guidance weight: 1 = plain conditional sampling, >1 follows the covariates "
-        "more strongly (twice the sampling work)",
+        "more strongly (twice the sampling work); or one weight per covariate, e.g. age=3,sex=5,diagnosis=5 "
+        "(up to 4x the work)",
     )
     p.add_argument(
         "--batch-size",

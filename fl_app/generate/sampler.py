@@ -11,6 +11,14 @@ Reproducibility: with ``seed`` (or a ``generator``), the same call gives the sam
 are drawn batch after batch from one generator, so the codes of sample ``i`` depend on
 ``batch_size`` as well as the seed.
 
+Classifier-free guidance: the prior is trained with each covariate dropped to "unknown" independently
+(:mod:`fl_app.models.prior`), so it also gives the logits ``l_k`` of the partial conditions "first k of (age,
+sex, diagnosis) known". ``guidance`` w draws from ``l_0 + w·(l_3 − l_0)`` (w = 1: plain conditional sampling,
+w > 1 follows the covariates more strongly, w = 0 ignores them). One weight per covariate (``{"age": 3, "sex": 5,
+"diagnosis": 5}``, missing ones 1) chains the same idea: ``l_0 + w_age·(l_1 − l_0) + w_sex·(l_2 − l_1) +
+w_diagnosis·(l_3 − l_2)``, which is the single-weight rule when the weights are equal. Every distinct partial
+condition with a non-zero coefficient costs one more forward pass per token (2 for one weight, up to 4).
+
 Precision: ``precision="bfloat16"`` samples from a bfloat16 copy of the model (the caller's model is not
 touched; logits are drawn from in float32). At batch 1 each token streams every weight through the cores
 once, so halving the bytes is the main lever on a CPU (and the usual choice on a GPU). The codes can differ
@@ -36,7 +44,22 @@ from fl_app.data.covariates import (
 )
 from fl_app.models.prior import unwrap_prior
 
-__all__ = ["PRECISIONS", "filter_logits", "make_condition", "sample", "sample_next"]
+__all__ = [
+    "COVARIATES",
+    "PRECISIONS",
+    "filter_logits",
+    "guidance_levels",
+    "make_condition",
+    "parse_guidance",
+    "sample",
+    "sample_next",
+]
+
+COVARIATES: tuple[str, str, str] = ("age", "sex", "diagnosis")
+"""The covariates in the order guidance chains them (see the module docstring)."""
+
+Guidance = float | Mapping[str, float]
+"""One classifier-free guidance weight, or one per covariate of :data:`COVARIATES` (missing ones 1)."""
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 """Weight / activation dtypes the sampler can run the prior in."""
@@ -80,6 +103,48 @@ def make_condition(
         "sex": torch.full((n,), sex_index(sex), dtype=torch.long),
         "diagnosis": torch.full((n,), diagnosis_index(diagnosis), dtype=torch.long),
     }
+
+
+def parse_guidance(text: str | float) -> float | dict[str, float]:
+    """``"3"`` -> 3.0; ``"age=3,sex=5,diagnosis=5"`` -> one weight per covariate (missing ones 1); a per-covariate
+    spec whose weights are all equal is returned as that one weight. Raises ``ValueError`` naming the problem."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    text = str(text).strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        key, sep, val = part.partition("=")
+        key = key.strip()
+        if not sep or key not in COVARIATES:
+            raise ValueError(
+                f"guidance {text!r}: expected a number or {'=W,'.join(COVARIATES)}=W, got {part!r}"
+            )
+        try:
+            out[key] = float(val)
+        except ValueError as e:
+            raise ValueError(f"guidance {text!r}: {key} needs a number, got {val!r}") from e
+    weights = [out.get(c, 1.0) for c in COVARIATES]
+    return weights[0] if len(set(weights)) == 1 else {c: w for c, w in zip(COVARIATES, weights, strict=True)}
+
+
+def guidance_levels(guidance: Guidance) -> list[tuple[int, float]]:
+    """``[(k, coefficient)]``: the guided logits are ``Σ coefficient · l_k`` over partial conditions "first k of
+    :data:`COVARIATES` known" (k = 0..3, most known last); terms with coefficient 0 are left out."""
+    if isinstance(guidance, Mapping):
+        unknown = set(guidance) - set(COVARIATES)
+        if unknown:
+            raise ValueError(f"guidance: unknown covariates {sorted(unknown)}; known: {list(COVARIATES)}")
+        w = [float(guidance.get(c, 1.0)) for c in COVARIATES]
+    else:
+        w = [float(guidance)] * 3
+    if not all(math.isfinite(v) for v in w):
+        raise ValueError(f"guidance weights must be finite, got {w}")
+    coef = [1.0 - w[0], w[0] - w[1], w[1] - w[2], w[2]]
+    return [(k, c) for k, c in enumerate(coef) if c != 0.0]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -144,7 +209,7 @@ def sample(
     device: str | torch.device | None = None,
     use_cache: bool = True,
     precision: str = "float32",
-    guidance: float = 1.0,
+    guidance: Guidance = 1.0,
 ) -> torch.Tensor:
     """Sample ``n`` code grids.
 
@@ -164,7 +229,7 @@ def sample(
         device: where to run (default: the model's device).
         use_cache: False = recompute the whole sequence for every token (reference path).
         precision: ``"float32"`` or ``"bfloat16"`` (a bfloat16 copy of the model; see the module docstring).
-        guidance: classifier-free guidance weight (1 = none; see the module docstring).
+        guidance: classifier-free guidance weight, or one per covariate (1 = none; see the module docstring).
 
     Returns:
         LongTensor (n, cx, cy, cz) on the CPU, codes in [0, V).
@@ -188,7 +253,8 @@ def sample(
     sex = _cond_tensor(cond, "sex", n)
     dx = _cond_tensor(cond, "diagnosis", n)
     bs = n if not batch_size else int(batch_size)
-    guided = float(guidance) != 1.0
+    levels = guidance_levels(guidance)
+    guided = levels != [(3, 1.0)]
     seq_len = model.seq_len
     was_training = model.training
     model.to(dev).eval()
@@ -199,10 +265,15 @@ def sample(
             sl = slice(s, min(s + bs, n))
             a, x, d = age[sl].to(dev), sex[sl].to(dev), dx[sl].to(dev)
             b = a.shape[0]
-            if guided:  # rows b.. are the same sequences with every covariate unknown
-                a = torch.cat([a, torch.full_like(a, math.nan)])
-                x = torch.cat([x, torch.full_like(x, UNKNOWN_SEX)])
-                d = torch.cat([d, torch.full_like(d, UNKNOWN_DIAGNOSIS)])
+            if guided:  # rows [j·b, (j+1)·b) are the same sequences under the j-th level's partial condition
+                unk_a, unk_x, unk_d = (
+                    torch.full_like(a, math.nan),
+                    torch.full_like(x, UNKNOWN_SEX),
+                    torch.full_like(d, UNKNOWN_DIAGNOSIS),
+                )
+                a = torch.cat([a if k >= 1 else unk_a for k, _ in levels])
+                x = torch.cat([x if k >= 2 else unk_x for k, _ in levels])
+                d = torch.cat([d if k >= 3 else unk_d for k, _ in levels])
             rows = a.shape[0]
             tokens = torch.empty(rows, seq_len, dtype=torch.long, device=dev)
             if use_cache:
@@ -212,9 +283,9 @@ def sample(
                 if not use_cache:
                     logits = model(tokens[:, :i], a, x, d)[:, -1]
                 if guided:
-                    lc, lu = logits[:b].float(), logits[b:].float()
-                    nxt = sample_next(lu + guidance * (lc - lu), temperature, top_k, top_p, generator)
-                    tokens[:, i] = torch.cat([nxt, nxt])
+                    lg = sum(c * logits[j * b : (j + 1) * b].float() for j, (_, c) in enumerate(levels))
+                    nxt = sample_next(lg, temperature, top_k, top_p, generator)
+                    tokens[:, i] = nxt.repeat(len(levels))
                 else:
                     tokens[:, i] = sample_next(logits, temperature, top_k, top_p, generator)
                 if use_cache and i < seq_len - 1:
