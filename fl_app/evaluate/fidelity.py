@@ -301,6 +301,37 @@ def group_contrasts(s: Subjects, m: dict[str, np.ndarray], at_age: float = 75.0)
     return {"btf_ad_minus_cn_at_75": at("AD") - at("CN"), "icv_male_female_ratio": icv("M") / icv("F")}
 
 
+def contrast_intervals(
+    s: Subjects, m: dict[str, np.ndarray], n_boot: int = 1000, seed: int = 0, at_age: float = 75.0
+) -> dict[str, list[float]]:
+    """95 % percentile-bootstrap intervals of :func:`group_contrasts` (subjects resampled with replacement within
+    each (sex, diagnosis) group, so every group keeps its size): ``{contrast: [low, high]}`` (NaN where a
+    resample leaves a contrast undefined too often)."""
+    groups = np.array(_groups(s), dtype=object)
+    idx_by_group = [np.flatnonzero(groups == g) for g in dict.fromkeys(groups.tolist())]
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(n_boot):
+        idx = np.concatenate([rng.choice(ix, size=len(ix), replace=True) for ix in idx_by_group])
+        sub = Subjects(s.images[:0], s.labels[:0], np.asarray(s.ages)[idx], [s.sexes[i] for i in idx],
+                       [s.diagnoses[i] for i in idx], s.voxel_mm)  # fmt: skip
+        for k, v in group_contrasts(sub, {k2: m[k2][idx] for k2 in ("btf", "icv_ml")}, at_age).items():
+            draws.setdefault(k, []).append(v)
+    out: dict[str, list[float]] = {}
+    for k, v in draws.items():
+        a = np.asarray(v, dtype=np.float64)
+        a = a[np.isfinite(a)]
+        out[k] = (
+            [float(np.quantile(a, 0.025)), float(np.quantile(a, 0.975))]
+            if len(a) >= 0.9 * n_boot
+            else [
+                math.nan,
+                math.nan,
+            ]
+        )
+    return out
+
+
 def _law_contrasts(at_age: float = 75.0) -> dict[str, float]:
     from fl_app.data.simulate import generating_law
 
@@ -407,6 +438,9 @@ def evaluate(
     if simulated:
         contrasts["law"] = _law_contrasts()
     res["contrasts"] = contrasts
+    res["contrast_intervals"] = {"synthetic": contrast_intervals(synth, ms, seed=seed)}
+    for key, ci in res["contrast_intervals"]["synthetic"].items():
+        summary[f"{key}_synthetic_ci95"] = ci
     for key, value in contrasts["synthetic"].items():
         summary[f"{key}_synthetic"] = value
         for against in ("reference", "law"):
