@@ -31,7 +31,9 @@ sampled per round (``--fedavg-per-round``), ``--fedavg-rounds`` rounds × ``--fe
 (``--fedavg-clip`` overrides; the pilot is not private). Its cost is the PSNR drop against the same run
 without server noise (same clip, same sampled sites).
 
-VQ-VAE: PSNR on the held-out site. Prior: trained the same way on one common set of codes, so bits per code
+VQ-VAE: PSNR on the held-out subjects: one unseen site of ``--held-subjects`` from another seed, or with
+``--site-val K`` the last K simulated subjects of every training site (each site's validation split: "on those
+sites", where a fine-tune can learn what is particular to them). Prior: trained the same way on one common set of codes, so bits per code
 are comparable across settings and measure the prior's own DP cost, evaluated on the held-out site's codes.
 ``--prior-codes init`` (the default with ``--init``): the codes of the starting VQ-VAE, i.e. the public
 checkpoint kept frozen (a consortium that fine-tunes only the prior; fine-tuning the VQ-VAE would move the codes
@@ -67,23 +69,29 @@ ARMS: dict[str, tuple[list[str], list[str]]] = {
 """Fine-tuning arms: (``finetune.vqvae``, ``finetune.prior``) presets of :data:`fl_app.config.FINETUNE_PRESETS`."""
 
 
-def _datasets(tmp: Path, prof, n_sites: int, n_subjects: int, seed: int, n_held: int):
-    """Simulated training sites (the usable ones) and one held-out site drawn from another seed."""
+def _datasets(tmp: Path, prof, n_sites: int, n_subjects: int, seed: int, n_held: int, site_val: int = 0):
+    """Simulated training sites (the usable ones) and the held-out subjects: with ``site_val`` > 0, the last
+    ``site_val`` subjects simulated at each training site (each site's own validation split, pooled), else one
+    unseen site of ``n_held`` subjects drawn from another seed."""
     from fl_app.data.cohort import read_bids
     from fl_app.data.dataset import SiteDataset
     from fl_app.data.simulate import simulate_sites
 
-    paths = simulate_sites(tmp / "data", n_sites, n_subjects, prof, seed)
-    sets = [SiteDataset(read_bids(p).valid(), prof, cache_dir=tmp / "cache" / p.name) for p in paths]
+    paths = simulate_sites(tmp / "data", n_sites, n_subjects + site_val, prof, seed)
+    subjects = [read_bids(p).valid() for p in paths]
+    sets = [SiteDataset(s[:n_subjects], prof, cache_dir=tmp / "cache") for s in subjects]
     empty = [p.name for p, s in zip(paths, sets, strict=True) if len(s) == 0]
     if empty:
         print(
             f"warning: no usable subjects at {empty} (preprocessing refused them); left out", file=sys.stderr
         )
-    held_path = simulate_sites(tmp / "held", 1, n_held, prof, seed + 1000)[0]  # another draw, unseen
-    held = SiteDataset(read_bids(held_path).valid(), prof, cache_dir=tmp / "cache" / "held")
+    if site_val:
+        held = SiteDataset([x for s in subjects for x in s[n_subjects:]], prof, cache_dir=tmp / "cache")
+    else:
+        held_path = simulate_sites(tmp / "held", 1, n_held, prof, seed + 1000)[0]  # another draw, unseen
+        held = SiteDataset(read_bids(held_path).valid(), prof, cache_dir=tmp / "cache" / "held")
     if len(held) == 0:
-        raise RuntimeError("the held-out site has no usable subjects")
+        raise RuntimeError("no usable held-out subject")
     return [s for s in sets if len(s)], held
 
 
@@ -345,7 +353,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
-        train_sets, held = _datasets(tmp, prof, args.sites, args.subjects, args.seed, args.held_subjects)
+        train_sets, held = _datasets(
+            tmp, prof, args.sites, args.subjects, args.seed, args.held_subjects, args.site_val
+        )
+        out["held_out"] = f"site_splits ({args.site_val} per site)" if args.site_val else "unseen_site"
         out["usable_subjects_per_site"] = [len(s) for s in train_sets]
         out["held_out_subjects"] = len(held)
         from torch.utils.data import DataLoader
@@ -426,6 +437,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--subjects", type=int, default=8, help="subjects per site")
     p.add_argument("--held-subjects", type=int, default=8, help="subjects of the held-out site")
+    p.add_argument(
+        "--site-val",
+        type=int,
+        default=0,
+        help="evaluate on this many held-out subjects of each training site (its validation split) instead of "
+        "an unseen site",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="override train.batch_size (every setting)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (set OMP_NUM_THREADS to match)")
     p.add_argument("--settings", nargs="+", default=None,

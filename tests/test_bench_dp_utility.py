@@ -110,3 +110,28 @@ def test_fine_tuning_arms_from_a_checkpoint_and_many_site_dp_fedavg(tmp_path) ->
     assert 7.9 <= row["site_level_epsilon"] <= 8.0 + 1e-6
     assert row["epsilon_without_sampling"] >= row["site_level_epsilon"]
     assert row["cost_db"] == pytest.approx(row["no_noise_psnr_db"] - row["psnr_db"])
+
+
+def test_site_splits_and_frozen_checkpoint_codes(tmp_path) -> None:
+    """``--site-val K`` holds out each training site's last K subjects (not an unseen site); from a full checkpoint
+    the priors train on the frozen checkpoint VQ-VAE's codes unless ``--prior-codes no_dp`` asks otherwise."""
+    import torch
+
+    from fl_app.config import load_profile
+    from fl_app.models.prior import build_prior, save_prior
+    from fl_app.models.vqvae import build_vqvae, save_vqvae
+
+    prof = load_profile("cpu-demo", TINY_BENCH)
+    torch.manual_seed(6)
+    save_vqvae(build_vqvae(prof, dp=True), prof, tmp_path / "vqvae.pt")
+    save_prior(build_prior(prof), prof, tmp_path / "prior.pt")
+    common = ["--init", str(tmp_path), "--sites", "2", "--subjects", "2", "--site-val", "1", "--rounds", "1",
+              "--steps", "1", "--prior-rounds", "1", "--prior-steps", "1", "--settings", "no_dp", "--lr", "0.05"]  # fmt: skip
+    frozen = dpu.run(dpu.parse_args(common))
+    assert frozen["held_out"].startswith("site_splits") and frozen["held_out_subjects"] == 2
+    assert frozen["usable_subjects_per_site"] == [2, 2]
+    assert frozen["prior_codes"] == "init"
+    moved = dpu.run(dpu.parse_args([*common, "--prior-codes", "no_dp"]))
+    assert moved["prior_codes"] == "no_dp"
+    # same checkpoint prior, different codes: the frozen codes are the checkpoint's, the others the fine-tune's
+    assert frozen["initial"]["prior_bits_per_code"] != moved["initial"]["prior_bits_per_code"]
