@@ -4,7 +4,8 @@
                                [--rounds 10] [--steps 20] [--prior-rounds 10] [--prior-steps 20] [--tiny]
                                [--batch-size B] [--threads 1] [--settings no_dp dp_sgd_eps8 ...]
 
-Simulates ``--sites`` training sites plus one held-out site (``fl_app.data.simulate``), then runs federated
+Simulates ``--sites`` training sites plus held-out subjects (an unseen site, or with ``--site-val`` each
+training site's own validation split; ``fl_app.data.simulate``), then runs federated
 averaging in-process (no NVFlare: the same local training functions the clients use, the same
 aggregation strategies the server uses) for ``--rounds`` rounds × ``--steps`` local steps per site in each
 setting:
