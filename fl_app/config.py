@@ -272,6 +272,13 @@ class FinetuneSection(_Strict):
 
     vqvae: list[str] = Field(default_factory=lambda: ["all"], min_length=1)
     prior: list[str] = Field(default_factory=lambda: ["all"], min_length=1)
+    lr: float | None = Field(
+        None,
+        gt=0.0,
+        description="Learning rate of both federated jobs' local optimisers when set (None: each model's own, "
+        "vqvae.lr / train.lr). A fine-tune from a converged checkpoint wants a smaller step than training from "
+        "scratch, and DP-SGD more so: Adam turns the noise into a step of about lr on every trainable weight.",
+    )
 
     @field_validator("vqvae", "prior")
     @classmethod

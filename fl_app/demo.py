@@ -95,7 +95,9 @@ def _report(
     lines.append("")
     if start:
         lines += [f"Started from: {start['init']}; trained parameters: VQ-VAE {start['trainable']['vqvae']}, "
-                  f"prior {start['trainable']['prior']} (the others stay the checkpoint's).", ""]  # fmt: skip
+                  f"prior {start['trainable']['prior']} (the others stay the checkpoint's)"
+                  + (f", learning rate {start['trainable']['lr']:g}." if start["trainable"].get("lr") else "."),
+                  ""]  # fmt: skip
     if privacy:
         lines += _privacy_lines(privacy, final_vqvae or {}, (start or {}).get("checkpoint_vqvae") or {})
     lines.append("| site | subjects (train / val) |")
@@ -172,8 +174,10 @@ def _privacy_lines(
     return [*lines, ""]
 
 
-DP_FINETUNE = {"vqvae": ["decoder_last"], "prior": ["prior_last", "cond_embeddings"]}
-"""What ``demo --dp`` fine-tunes from a public checkpoint (``profile.finetune``; docs/PRIVACY.md)."""
+DP_FINETUNE = {"vqvae": ["decoder_last"], "prior": ["prior_last", "cond_embeddings"], "lr": 3e-4}
+"""What ``demo --dp`` fine-tunes from a public checkpoint, and at which learning rate (``profile.finetune``;
+docs/PRIVACY.md): at the profile's 0.002 the DP noise cost the shipped checkpoint 1.8–2.0 dB in 60 steps, at
+3e-4 it stays within 0.03 dB (docs/BENCHMARKS.md, "DP fine-tuning from a public checkpoint")."""
 
 
 def demo_checkpoint(init: str, profile: str, overrides: dict[str, Any] | None) -> Path | None:

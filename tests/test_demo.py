@@ -103,6 +103,10 @@ def test_demo_dp_fine_tunes_the_checkpoint_and_reports_epsilon_beside_the_non_dp
     rep = json.loads((out / "privacy_report.json").read_text())
     text = (out / "report.md").read_text()
     assert f"Started from: {ck}" in text and "## Differential privacy" in text
+    assert "learning rate 0.0003" in text  # the DP fine-tune's smaller step travels in the profile
+    from fl_app.models.pretrained import checkpoint_profile_dict
+
+    assert checkpoint_profile_dict(out / "global")["finetune"]["lr"] == DP_FINETUNE["lr"] == 3e-4
     reference = final_vqvae_on_sites(ck / "vqvae.pt", out / "site_configs", sorted(rep["sites"]))
     for site, s in rep["sites"].items():
         assert 2.9 <= s["jobs"]["vqvae"]["epsilon"] <= 3.0

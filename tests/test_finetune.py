@@ -216,3 +216,17 @@ def test_dp_fine_tune_accountant_matches_opacus_and_frozen_weights_stay(tmp_path
     assert dp.job_epsilon() == pytest.approx(ref.get_epsilon(1e-5), rel=1e-9)
     assert dp.job_epsilon() == pytest.approx(dp.engine.accountant.get_epsilon(1e-5), rel=1e-9)
     assert dp.job_epsilon() <= 4.0 + 1e-6 and dp.job_epsilon() > 3.5
+
+
+def test_finetune_lr_is_optional_positive_and_travels_in_the_profile():
+    """``finetune.lr`` (the federated jobs' learning rate when set) defaults to None (each model's own rate),
+    refuses a non-positive value, and round-trips through the profile YAML that travels with a model."""
+    import yaml
+
+    from fl_app.config import ConfigError, load_profile, profile_from_dict, profile_to_yaml
+
+    assert load_profile("cpu-demo").finetune.lr is None
+    p = load_profile("cpu-demo", {"finetune": {"vqvae": ["decoder_last"], "lr": 3e-4}})
+    assert profile_from_dict(yaml.safe_load(profile_to_yaml(p))).finetune.lr == 3e-4
+    with pytest.raises(ConfigError, match="lr"):
+        load_profile("cpu-demo", {"finetune": {"lr": 0.0}})

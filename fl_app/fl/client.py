@@ -158,7 +158,7 @@ class VQVAETask(Task):
         self.train_loader = make_vqvae_loader(train_part.dataset, bs, shuffle=True, seed=args.seed + rnd)
         self.model = build_vqvae(profile, dp=cfg.privacy.enabled)  # DP-SGD refuses a quantiser not DP-safe
         self.exported = freeze_for_job(self.model, profile.finetune.vqvae, "vqvae")
-        self.optimizer = make_optimizer(self.model, profile)
+        self.optimizer = make_optimizer(self.model, profile, lr=profile.finetune.lr)
 
     def net(self) -> torch.nn.Module:
         from fl_app.models.vqvae import unwrap
@@ -236,7 +236,7 @@ class PriorTask(Task):
         self.val_loader = make_prior_loader(codes.subset(val_idx), bs, shuffle=False) if val_idx else None
         self.model = build_prior(profile).to(self.device)
         self.exported = freeze_for_job(self.model, profile.finetune.prior, "prior")
-        self.optimizer = make_prior_optimizer(self.model, profile.train.lr)
+        self.optimizer = make_prior_optimizer(self.model, profile.finetune.lr or profile.train.lr)
 
     def net(self) -> torch.nn.Module:
         from fl_app.models.prior import unwrap_prior
