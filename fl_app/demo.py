@@ -176,8 +176,9 @@ def _privacy_lines(
 
 DP_FINETUNE = {"vqvae": ["decoder_last"], "prior": ["prior_last", "cond_embeddings"], "lr": 3e-4}
 """What ``demo --dp`` fine-tunes from a public checkpoint, and at which learning rate (``profile.finetune``;
-docs/PRIVACY.md): at the profile's 0.002 the DP noise cost the shipped checkpoint 1.8–2.0 dB in 60 steps, at
-3e-4 it stays within 0.03 dB (docs/BENCHMARKS.md, "DP fine-tuning from a public checkpoint")."""
+docs/PRIVACY.md): with 3 sites × 32 training records at ε = 8, 60 DP-SGD steps at the profile's 0.002 cost
+the shipped checkpoint 1.8–2.0 dB on the sites' validation splits, at 3e-4 0.06–0.12 dB (docs/BENCHMARKS.md,
+"DP fine-tuning from a public checkpoint")."""
 
 
 def demo_checkpoint(init: str, profile: str, overrides: dict[str, Any] | None) -> Path | None:
