@@ -70,7 +70,16 @@ ARMS: dict[str, tuple[list[str], list[str]]] = {
 """Fine-tuning arms: (``finetune.vqvae``, ``finetune.prior``) presets of :data:`fl_app.config.FINETUNE_PRESETS`."""
 
 
-def _datasets(tmp: Path, prof, n_sites: int, n_subjects: int, seed: int, n_held: int, site_val: int = 0):
+def _datasets(
+    tmp: Path,
+    prof,
+    n_sites: int,
+    n_subjects: int,
+    seed: int,
+    n_held: int,
+    site_val: int = 0,
+    first_site: int = 0,
+):
     """Simulated training sites (the usable ones) and the held-out subjects: with ``site_val`` > 0, the last
     ``site_val`` subjects simulated at each training site (each site's own validation split, pooled), else one
     unseen site of ``n_held`` subjects drawn from another seed."""
@@ -78,7 +87,7 @@ def _datasets(tmp: Path, prof, n_sites: int, n_subjects: int, seed: int, n_held:
     from fl_app.data.dataset import SiteDataset
     from fl_app.data.simulate import simulate_sites
 
-    paths = simulate_sites(tmp / "data", n_sites, n_subjects + site_val, prof, seed)
+    paths = simulate_sites(tmp / "data", n_sites, n_subjects + site_val, prof, seed, first_site=first_site)
     subjects = [read_bids(p).valid() for p in paths]
     sets = [SiteDataset(s[:n_subjects], prof, cache_dir=tmp / "cache") for s in subjects]
     empty = [p.name for p, s in zip(paths, sets, strict=True) if len(s) == 0]
@@ -355,8 +364,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         train_sets, held = _datasets(
-            tmp, prof, args.sites, args.subjects, args.seed, args.held_subjects, args.site_val
+            tmp,
+            prof,
+            args.sites,
+            args.subjects,
+            args.seed,
+            args.held_subjects,
+            args.site_val,
+            args.first_site,
         )
+        out["first_site"] = args.first_site
         out["held_out"] = f"site_splits ({args.site_val} per site)" if args.site_val else "unseen_site"
         out["usable_subjects_per_site"] = [len(s) for s in train_sets]
         out["held_out_subjects"] = len(held)
@@ -438,6 +455,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--subjects", type=int, default=8, help="subjects per site")
     p.add_argument("--held-subjects", type=int, default=8, help="subjects of the held-out site")
+    p.add_argument(
+        "--first-site",
+        type=int,
+        default=0,
+        help="index of the first simulated training site (0-based): the simulator cycles 4 scanner presets by "
+        "index, and the shipped checkpoint was pre-trained on presets 0-2 only, so --first-site 3 gives sites "
+        "its public data did not have",
+    )
     p.add_argument(
         "--site-val",
         type=int,

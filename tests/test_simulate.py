@@ -208,3 +208,18 @@ def test_each_site_is_valid_bids(sites):
     for site in sites:
         errors, _warnings = run_bids_validator(site)
         assert errors == [], errors
+
+
+def test_first_site_writes_the_same_site_as_a_longer_call(tmp_path):
+    """``first_site=1`` writes exactly the ``site-2`` a two-site call writes (scanner preset, subjects, images):
+    a bench can take sites whose preset a checkpoint's public data did not have."""
+    prof = load_profile("cpu-demo")
+    both = simulate_sites(tmp_path / "both", 2, 1, prof, seed=3)
+    (alone,) = simulate_sites(tmp_path / "alone", 1, 1, prof, seed=3, first_site=1)
+    assert alone.name == both[1].name == "site-2"
+    files = sorted(p.relative_to(alone) for p in alone.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(both[1]) for p in both[1].rglob("*") if p.is_file())
+    for f in files:
+        assert (alone / f).read_bytes() == (both[1] / f).read_bytes(), f
+    with pytest.raises(ValueError, match="first_site"):
+        simulate_sites(tmp_path / "bad", 1, 1, prof, seed=3, first_site=-1)

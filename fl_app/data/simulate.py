@@ -762,8 +762,12 @@ def simulate_sites(
     seed: int,
     *,
     verbose: bool = False,
+    first_site: int = 0,
 ) -> list[Path]:
     """Write ``n_sites`` simulated BIDS sites ``out_dir/site-1`` ... and return their paths.
+
+    ``first_site``: index of the first site (0-based); ``first_site=3`` writes ``site-4`` ... exactly as a call
+    with more sites would (each site's scanner preset and subjects depend on its index and the seed only).
 
     Each site holds ``subjects_per_site`` subjects ``sub-s<site>p<NNN>`` (unique across sites) with
     ``sub-*/anat/sub-*_T1w.nii.gz`` (+ JSON sidecar), ``participants.tsv`` (participant_id, age, sex,
@@ -775,10 +779,12 @@ def simulate_sites(
     """
     if n_sites < 1 or subjects_per_site < 1:
         raise ValueError("n_sites and subjects_per_site must be >= 1")
+    if first_site < 0:
+        raise ValueError(f"first_site must be >= 0, got {first_site}")
     out_dir = Path(out_dir)
     res = template_resolution(profile)
     paths = []
-    for s in range(n_sites):
+    for s in range(first_site, first_site + n_sites):
         spec = site_spec(s, profile, seed)
         root = out_dir / spec.name
         draws = draw_subjects(spec, s, subjects_per_site, seed)
