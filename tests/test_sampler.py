@@ -13,6 +13,7 @@ from fl_app.generate.sampler import (
     filter_logits,
     guidance_levels,
     make_condition,
+    normalize_guidance,
     parse_guidance,
     sample,
     sample_next,
@@ -264,6 +265,9 @@ def test_guidance_levels_and_parsing():
     assert parse_guidance("age=3, sex=5,diagnosis=5") == {"age": 3.0, "sex": 5.0, "diagnosis": 5.0}
     assert parse_guidance("sex=5") == {"age": 1.0, "sex": 5.0, "diagnosis": 1.0}
     assert parse_guidance("age=2,sex=2,diagnosis=2") == 2.0
+    # the Python API records the same form as the command line: resuming a cohort compares it
+    assert normalize_guidance({"sex": 5}) == {"age": 1.0, "sex": 5.0, "diagnosis": 1.0}
+    assert normalize_guidance({"age": 2, "sex": 2, "diagnosis": 2}) == normalize_guidance(2) == 2.0
     for bad in ("height=2", "age", "age=x"):
         with pytest.raises(ValueError, match="guidance"):
             parse_guidance(bad)

@@ -321,14 +321,8 @@ def contrast_intervals(
     for k, v in draws.items():
         a = np.asarray(v, dtype=np.float64)
         a = a[np.isfinite(a)]
-        out[k] = (
-            [float(np.quantile(a, 0.025)), float(np.quantile(a, 0.975))]
-            if len(a) >= 0.9 * n_boot
-            else [
-                math.nan,
-                math.nan,
-            ]
-        )
+        ok = len(a) >= 0.9 * n_boot
+        out[k] = [float(np.quantile(a, q)) if ok else math.nan for q in (0.025, 0.975)]
     return out
 
 
@@ -423,9 +417,8 @@ def evaluate(
         summary["btf_intensity_slope_error_pct_vs_reference"] = fid["btf_intensity"][
             "slope_error_pct_vs_reference"
         ]
-    for (
-        name
-    ) in _LAW_KEY:  # how far the real reference subjects themselves are from the law (the measure's floor)
+    # how far the real reference subjects themselves are from the law (the measure's floor)
+    for name in _LAW_KEY:
         if "reference_slope_error_pct_vs_law" in fid[name]:
             summary[f"{name}_slope_error_pct_vs_law_reference"] = fid[name][
                 "reference_slope_error_pct_vs_law"

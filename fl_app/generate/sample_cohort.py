@@ -179,13 +179,12 @@ def sample_cohort(
     """
     from tqdm.auto import tqdm
 
-    from fl_app.generate.sampler import guidance_levels, sample
+    from fl_app.generate.sampler import normalize_guidance, sample
     from fl_app.models.vqvae import decode
 
-    guidance_levels(guidance)  # a bad weight fails here, before anything is written
-    guidance = (
-        float(guidance) if not isinstance(guidance, dict) else {k: float(v) for k, v in guidance.items()}
-    )
+    guidance = normalize_guidance(
+        guidance
+    )  # one recorded form; a bad weight fails before anything is written
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,7 @@ __all__ = [
     "filter_logits",
     "guidance_levels",
     "make_condition",
+    "normalize_guidance",
     "parse_guidance",
     "sample",
     "sample_next",
@@ -127,13 +128,12 @@ def parse_guidance(text: str | float) -> float | dict[str, float]:
             out[key] = float(val)
         except ValueError as e:
             raise ValueError(f"guidance {text!r}: {key} needs a number, got {val!r}") from e
-    weights = [out.get(c, 1.0) for c in COVARIATES]
-    return weights[0] if len(set(weights)) == 1 else {c: w for c, w in zip(COVARIATES, weights, strict=True)}
+    return normalize_guidance(out)
 
 
-def guidance_levels(guidance: Guidance) -> list[tuple[int, float]]:
-    """``[(k, coefficient)]``: the guided logits are ``Σ coefficient · l_k`` over partial conditions "first k of
-    :data:`COVARIATES` known" (k = 0..3, most known last); terms with coefficient 0 are left out."""
+def _guidance_weights(guidance: Guidance) -> list[float]:
+    """The three weights in :data:`COVARIATES` order (missing ones 1); ``ValueError`` for an unknown covariate
+    or a weight that is not finite."""
     if isinstance(guidance, Mapping):
         unknown = set(guidance) - set(COVARIATES)
         if unknown:
@@ -143,6 +143,20 @@ def guidance_levels(guidance: Guidance) -> list[tuple[int, float]]:
         w = [float(guidance)] * 3
     if not all(math.isfinite(v) for v in w):
         raise ValueError(f"guidance weights must be finite, got {w}")
+    return w
+
+
+def normalize_guidance(guidance: Guidance) -> float | dict[str, float]:
+    """The one recorded form of a guidance setting: a float when the weights are equal, else all three
+    covariates' weights (missing ones 1). Raises ``ValueError`` as :func:`guidance_levels` does."""
+    w = _guidance_weights(guidance)
+    return w[0] if len(set(w)) == 1 else dict(zip(COVARIATES, w, strict=True))
+
+
+def guidance_levels(guidance: Guidance) -> list[tuple[int, float]]:
+    """``[(k, coefficient)]``: the guided logits are ``Σ coefficient · l_k`` over partial conditions "first k of
+    :data:`COVARIATES` known" (k = 0..3, most known last); terms with coefficient 0 are left out."""
+    w = _guidance_weights(guidance)
     coef = [1.0 - w[0], w[0] - w[1], w[1] - w[2], w[2]]
     return [(k, c) for k, c in enumerate(coef) if c != 0.0]
 
