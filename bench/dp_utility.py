@@ -49,6 +49,7 @@ tiny networks. The figures are step-matched, so a busy machine changes the secon
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -64,6 +65,7 @@ DELTA = 1e-5
 ARMS: dict[str, tuple[list[str], list[str]]] = {
     "full": (["all"], ["all"]),
     "last": (["decoder_last"], ["prior_last", "cond_embeddings"]),
+    "out": (["decoder_out"], ["prior_last", "cond_embeddings"]),
     "biases": (["biases"], ["biases"]),
     "decoder": (["decoder"], ["prior_last", "cond_embeddings", "norms"]),
 }
@@ -87,7 +89,18 @@ def _datasets(
     from fl_app.data.dataset import SiteDataset
     from fl_app.data.simulate import simulate_sites
 
-    paths = simulate_sites(tmp / "data", n_sites, n_subjects + site_val, prof, seed, first_site=first_site)
+    key = {"sites": n_sites, "subjects": n_subjects + site_val, "seed": seed, "first_site": first_site,
+           "shape": list(prof.data.shape), "spacing": list(prof.data.spacing)}  # fmt: skip
+    # a --workdir run reuses the sites an earlier run simulated with the same options
+    stamp = tmp / "data.json"
+    done = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    if done.get("key") == key and all(Path(p).is_dir() for p in done["paths"]):
+        paths = [Path(p) for p in done["paths"]]
+    else:
+        paths = simulate_sites(
+            tmp / "data", n_sites, n_subjects + site_val, prof, seed, first_site=first_site
+        )
+        stamp.write_text(json.dumps({"key": key, "paths": [str(p) for p in paths]}))
     subjects = [read_bids(p).valid() for p in paths]
     sets = [SiteDataset(s[:n_subjects], prof, cache_dir=tmp / "cache") for s in subjects]
     empty = [p.name for p, s in zip(paths, sets, strict=True) if len(s) == 0]
@@ -274,6 +287,21 @@ def _fedavg_sites(
     return rows
 
 
+def _paired_gain(psnr: list[float], initial: list[float], seed: int, n_boot: int = 2000) -> dict[str, Any]:
+    """A setting's held-out PSNR gain over the starting checkpoint, paired by held-out volume: the 95 %
+    percentile-bootstrap interval of the mean gain (volumes resampled with replacement) and the fraction of
+    volumes the setting reconstructs better. "Above the checkpoint" is only claimed when the interval
+    excludes 0."""
+    import numpy as np
+
+    gain = np.asarray(psnr, dtype=np.float64) - np.asarray(initial, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = gain[rng.integers(0, gain.size, size=(n_boot, gain.size))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"psnr_gain_over_initial_ci95": [float(lo), float(hi)],
+            "psnr_gain_volumes_improved": float((gain > 0).mean())}  # fmt: skip
+
+
 def _prior_codes(vq, train_sets: list, held, prof, prior_init: dict[str, torch.Tensor]):
     """The common ground of every prior setting: (training sites' codes, held-out code loader, held-out bits per
     code of the starting prior) under the VQ-VAE ``vq``."""
@@ -350,7 +378,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         unknown = set(args.settings) - {s["name"] for s in settings}
         if unknown:
             raise SystemExit(f"unknown settings {sorted(unknown)}; known: {[s['name'] for s in settings]}")
-        settings = [s for s in settings if s["name"] in args.settings or s["name"] == "no_dp"]
+        keep = set(args.settings) | ({"no_dp"} if args.baseline else set())
+        settings = [s for s in settings if s["name"] in keep]
     out: dict[str, Any] = {"profile": args.profile, "tiny": args.tiny, "sites": args.sites,
                            "subjects_per_site": args.subjects, "rounds": args.rounds, "steps": args.steps,
                            "prior_rounds": args.prior_rounds, "prior_steps": args.prior_steps, "delta": DELTA,
@@ -361,8 +390,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "lr": args.lr, "dp_lr": args.dp_lr, "no_prior": args.no_prior,
                            "platform": platform.platform(), "torch": torch.__version__, "results": {}}  # fmt: skip
     t_all = time.perf_counter()
-    with tempfile.TemporaryDirectory() as td:
-        tmp = Path(td)
+    with contextlib.ExitStack() as stack:
+        tmp = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         train_sets, held = _datasets(
             tmp,
             prof,
@@ -392,7 +421,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             prior_init = load_prior(prior_path)[0].state_dict()
         init_vq = build_vqvae(prof, dp=True)
         init_vq.load_state_dict(vq_init)
-        out["initial"] = {"vqvae_psnr_db": evaluate_vqvae(init_vq, held_loader)["psnr_db"]}
+        init_eval = evaluate_vqvae(init_vq, held_loader, per_volume=True)
+        out["initial"] = {"vqvae_psnr_db": init_eval["psnr_db"]}
         out["setup_seconds"] = time.perf_counter() - t_all
         print(json.dumps({"initial": out["initial"]}), flush=True)
         codes = held_codes = None
@@ -413,9 +443,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             vq = build_vqvae(prof, dp=True)
             vq.load_state_dict(vq_state)
-            psnr = evaluate_vqvae(vq, held_loader)["psnr_db"]
+            ev = evaluate_vqvae(vq, held_loader, per_volume=True)
+            psnr = ev["psnr_db"]
+            paired = _paired_gain(ev["psnr_db_per_volume"], init_eval["psnr_db_per_volume"], args.seed)
             if args.no_prior:
-                out["results"][s["name"]] = {"vqvae_psnr_db": psnr, "prior_bits_per_code": None,
+                out["results"][s["name"]] = {"vqvae_psnr_db": psnr, "prior_bits_per_code": None, **paired,
                                              "vqvae_privacy": acct_vq, "prior_privacy": None,
                                              "seconds": time.perf_counter() - t0}  # fmt: skip
                 print(json.dumps({s["name"]: out["results"][s["name"]]}), flush=True)
@@ -433,16 +465,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 acct_pr["site_epsilon_total"] = epsilon_from_history(
                     [acct_vq["history"], acct_pr["history"]], DELTA
                 )
-            out["results"][s["name"]] = {"vqvae_psnr_db": psnr, "prior_bits_per_code": bits,
+            out["results"][s["name"]] = {"vqvae_psnr_db": psnr, "prior_bits_per_code": bits, **paired,
                                          "vqvae_privacy": acct_vq, "prior_privacy": acct_pr,
                                          "seconds": time.perf_counter() - t0}  # fmt: skip
             print(json.dumps({s["name"]: out["results"][s["name"]]}), flush=True)
-    base = out["results"]["no_dp"]
+    base = out["results"].get("no_dp")  # absent with --settings ... --no-baseline
     for r in out["results"].values():
-        r["psnr_drop_db"] = base["vqvae_psnr_db"] - r["vqvae_psnr_db"]
+        r["psnr_drop_db"] = base["vqvae_psnr_db"] - r["vqvae_psnr_db"] if base else None
         r["psnr_gain_over_initial_db"] = r["vqvae_psnr_db"] - out["initial"]["vqvae_psnr_db"]
         if not args.no_prior:
-            r["bits_increase"] = r["prior_bits_per_code"] - base["prior_bits_per_code"]
+            r["bits_increase"] = r["prior_bits_per_code"] - base["prior_bits_per_code"] if base else None
     out["total_seconds"] = time.perf_counter() - t_all
     return out
 
@@ -473,7 +505,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="override train.batch_size (every setting)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (set OMP_NUM_THREADS to match)")
     p.add_argument("--settings", nargs="+", default=None,
-                   help="run only these settings (no_dp always runs: it is the baseline)")  # fmt: skip
+                   help="run only these settings (and no_dp, the baseline, unless --no-baseline)")  # fmt: skip
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="with --settings: skip no_dp (psnr_drop_db / bits_increase are then null)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--steps", type=int, default=20, help="local steps per round (VQ-VAE)")
     p.add_argument("--prior-rounds", type=int, default=10)
@@ -517,6 +551,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fedavg-epsilon", type=float, default=8.0, help="site-level ε target")
     p.add_argument("--fedavg-clip", type=float, default=None, help="fixed clip C (default: pilot median)")
     p.add_argument("--fedavg-arm", default="full", help="fine-tuning arm of the DP-FedAvg measurement")
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help="keep the simulated sites and the preprocessing cache here and reuse them on the next run with "
+        "the same data options (default: a temporary folder)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     return p.parse_args(argv)

@@ -135,3 +135,35 @@ def test_site_splits_and_frozen_checkpoint_codes(tmp_path) -> None:
     assert moved["prior_codes"] == "no_dp"
     # same checkpoint prior, different codes: the frozen codes are the checkpoint's, the others the fine-tune's
     assert frozen["initial"]["prior_bits_per_code"] != moved["initial"]["prior_bits_per_code"]
+
+
+def test_paired_gain_interval_needs_a_consistent_gain() -> None:
+    """ "Above the checkpoint" is read off a paired interval: a small gain on every volume excludes 0, a larger
+    mean gain that half the volumes lose does not."""
+    base = [27.0 + 0.1 * i for i in range(20)]
+    steady = dpu._paired_gain([b + 0.01 + 0.001 * i for i, b in enumerate(base)], base, seed=0)
+    lo, hi = steady["psnr_gain_over_initial_ci95"]
+    assert 0.01 < lo < 0.0195 < hi < 0.029 and steady["psnr_gain_volumes_improved"] == 1.0
+    mixed = dpu._paired_gain([b + (0.6 if i % 2 else -0.5) for i, b in enumerate(base)], base, seed=0)
+    lo, hi = mixed["psnr_gain_over_initial_ci95"]
+    assert lo < 0 < hi and mixed["psnr_gain_volumes_improved"] == 0.5
+
+
+def test_workdir_reuses_the_simulated_sites_and_no_baseline_skips_no_dp(tmp_path) -> None:
+    """``--workdir`` keeps the simulated sites for the next run with the same data options (not re-simulated),
+    and ``--no-baseline`` runs only the settings asked for, with the paired gain over the checkpoint."""
+    args = ["--workdir", str(tmp_path), "--settings", "dp_sgd_eps8", "--no-baseline", "--no-prior"]
+    first = dpu.run(_args(*args))
+    stamp = tmp_path / "data.json"
+    written = stamp.stat().st_mtime_ns
+    site = next((tmp_path / "data").iterdir())
+    before = sorted(p.stat().st_mtime_ns for p in site.rglob("*.nii*"))
+    second = dpu.run(_args(*args))
+    assert stamp.stat().st_mtime_ns == written
+    assert sorted(p.stat().st_mtime_ns for p in site.rglob("*.nii*")) == before
+    assert first["initial"] == second["initial"]
+    assert set(second["results"]) == {"dp_sgd_eps8"}
+    r = second["results"]["dp_sgd_eps8"]
+    assert r["psnr_drop_db"] is None
+    lo, hi = r["psnr_gain_over_initial_ci95"]
+    assert lo <= r["psnr_gain_over_initial_db"] <= hi

@@ -81,11 +81,11 @@ def test_tiny_demo_with_dp_through_the_cli(tmp_path, capsys):
 
 
 def test_demo_dp_fine_tunes_the_checkpoint_and_reports_epsilon_beside_the_non_dp_figure(tmp_path):
-    """``demo --dp --init CHECKPOINT``: the sites fine-tune only the DP subset (decoder_last; the prior's
-    last block and condition embeddings) with DP-SGD from the checkpoint, no server noise by default, and the
+    """``demo --dp --init CHECKPOINT``: the sites fine-tune only the DP subset (decoder_out; the prior's
+    last block and condition embeddings), clipping at the public-data clip bound DP_CLIP, with DP-SGD from the checkpoint, no server noise by default, and the
     report puts each site's ε beside the DP model's PSNR and the checkpoint's (no DP) on the same split."""
-    from fl_app.config import load_profile
-    from fl_app.demo import DP_FINETUNE, final_vqvae_on_sites, run_demo
+    from fl_app.config import load_profile, load_site_config
+    from fl_app.demo import DP_CLIP, DP_FINETUNE, final_vqvae_on_sites, run_demo
     from tests.test_bench_dp_utility import TINY_BENCH
     from tests.test_finetune import _checkpoint_dir
 
@@ -103,13 +103,15 @@ def test_demo_dp_fine_tunes_the_checkpoint_and_reports_epsilon_beside_the_non_dp
     rep = json.loads((out / "privacy_report.json").read_text())
     text = (out / "report.md").read_text()
     assert f"Started from: {ck}" in text and "## Differential privacy" in text
-    assert "learning rate 0.0003" in text  # the DP fine-tune's smaller step travels in the profile
+    assert "learning rate 0.0001" in text  # the DP fine-tune's smaller step travels in the profile
     from fl_app.models.pretrained import checkpoint_profile_dict
 
-    assert checkpoint_profile_dict(out / "global")["finetune"]["lr"] == DP_FINETUNE["lr"] == 3e-4
+    assert checkpoint_profile_dict(out / "global")["finetune"]["lr"] == DP_FINETUNE["lr"] == 1e-4
     reference = final_vqvae_on_sites(ck / "vqvae.pt", out / "site_configs", sorted(rep["sites"]))
     for site, s in rep["sites"].items():
         assert 2.9 <= s["jobs"]["vqvae"]["epsilon"] <= 3.0
+        assert load_site_config(out / "site_configs" / f"{site}.yaml").privacy.max_grad_norm == DP_CLIP == 0.3
+        assert s["jobs"]["vqvae"]["clip"] == DP_CLIP
         psnr = summary["final_vqvae"][site]["psnr_db"]
         row = next(
             line for line in text.splitlines() if line.startswith(f"| {site} | {s['total_epsilon']:.3f}")

@@ -397,6 +397,7 @@ def evaluate_vqvae(
     device: str | torch.device = "cpu",
     max_batches: int | None = None,
     amp: str | bool = "none",
+    per_volume: bool = False,
 ) -> dict[str, Any]:
     """Reconstruction quality on held-out volumes (eval mode: no EMA update).
 
@@ -406,7 +407,8 @@ def evaluate_vqvae(
     Returns:
         ``psnr_db``, ``ssim``, ``ms_ssim``, ``dice_csf``, ``dice_gm``, ``dice_wm``, ``dice_mean`` (NaN
         without labels or for an image-only model), ``codebook_perplexity``, ``codebook_usage``,
-        ``n_volumes``.
+        ``n_volumes``; with ``per_volume`` also ``psnr_db_per_volume`` (loader order; for paired comparisons
+        of two models in a bench, never sent by a site).
     """
     dev = resolve_device(device)
     m = unwrap(model)
@@ -439,6 +441,8 @@ def evaluate_vqvae(
     if not psnrs:
         return res | {k: math.nan for k in ("psnr_db", "ssim", "ms_ssim", "dice_mean")}
     res["psnr_db"] = float(torch.cat(psnrs).mean())
+    if per_volume:
+        res["psnr_db_per_volume"] = torch.cat(psnrs).tolist()
     res["ssim"] = float(torch.cat(ssims).mean())
     res["ms_ssim"] = float(torch.cat(msssims).mean())
     if dices:
