@@ -82,8 +82,8 @@ def test_tiny_demo_with_dp_through_the_cli(tmp_path, capsys):
 
 def test_demo_dp_fine_tunes_the_checkpoint_and_reports_epsilon_beside_the_non_dp_figure(tmp_path):
     """``demo --dp --init CHECKPOINT``: the sites fine-tune only the DP subset (decoder_out; the prior's
-    last block and condition embeddings), clipping at the public-data clip bound DP_CLIP, with DP-SGD from the checkpoint, no server noise by default, and the
-    report puts each site's ε beside the DP model's PSNR and the checkpoint's (no DP) on the same split."""
+    last block and condition embeddings) with DP-SGD from the checkpoint, clipping at the public-data bound
+    DP_CLIP, no server noise by default, and the report puts each site's ε beside the DP model's PSNR and the checkpoint's (no DP) on the same split."""
     from fl_app.config import load_profile, load_site_config
     from fl_app.demo import DP_CLIP, DP_FINETUNE, final_vqvae_on_sites, run_demo
     from tests.test_bench_dp_utility import TINY_BENCH
