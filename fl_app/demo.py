@@ -163,7 +163,7 @@ def _privacy_lines(
         if ref:
             row += f" {_fmt(r.get('psnr_db'))} | {_fmt(r.get('dice_mean'))} |"
         lines.append(row)
-    servers = {k: v for k, v in prep.get("server", {}).items() if v}
+    servers = {k: v for k, v in prep.get("server", {}).items() if v.get("mechanism") == "dp-fedavg"}
     lines.append("")
     if servers:
         lines.append("Server-side DP-FedAvg (site-level ε): " + ", ".join(

@@ -103,6 +103,7 @@ def test_demo_dp_fine_tunes_the_checkpoint_and_reports_epsilon_beside_the_non_dp
     rep = json.loads((out / "privacy_report.json").read_text())
     text = (out / "report.md").read_text()
     assert f"Started from: {ck}" in text and "## Differential privacy" in text
+    assert "No server-side noise" in text and "Server-side DP-FedAvg" not in text
     assert "learning rate 0.0001" in text  # the DP fine-tune's smaller step travels in the profile
     from fl_app.models.pretrained import checkpoint_profile_dict
 
