@@ -84,7 +84,7 @@ def _datasets(
 ):
     """Simulated training sites (the usable ones) and the held-out subjects: with ``site_val`` > 0, the last
     ``site_val`` subjects simulated at each training site (each site's own validation split, pooled), else one
-    unseen site of ``n_held`` subjects drawn from another seed."""
+    unseen site of ``n_held`` subjects drawn from another seed; with site splits, each held-out volume's site."""
     from fl_app.data.cohort import read_bids
     from fl_app.data.dataset import SiteDataset
     from fl_app.data.simulate import simulate_sites
@@ -115,7 +115,11 @@ def _datasets(
         held = SiteDataset(read_bids(held_path).valid(), prof, cache_dir=tmp / "cache" / "held")
     if len(held) == 0:
         raise RuntimeError("no usable held-out subject")
-    return [s for s in sets if len(s)], held
+    # which training site each held-out volume belongs to (site splits only; the loader keeps this order)
+    held_sites = (
+        [p.name for p, s in zip(paths, subjects, strict=True) for _ in s[n_subjects:]] if site_val else None
+    )
+    return [s for s in sets if len(s)], held, held_sites
 
 
 def _fed_train(
@@ -287,19 +291,27 @@ def _fedavg_sites(
     return rows
 
 
-def _paired_gain(psnr: list[float], initial: list[float], seed: int, n_boot: int = 2000) -> dict[str, Any]:
+def _paired_gain(
+    psnr: list[float], initial: list[float], seed: int, sites: list[str] | None = None, n_boot: int = 2000
+) -> dict[str, Any]:
     """A setting's held-out PSNR gain over the starting checkpoint, paired by held-out volume: the 95 %
-    percentile-bootstrap interval of the mean gain (volumes resampled with replacement) and the fraction of
-    volumes the setting reconstructs better. "Above the checkpoint" is only claimed when the interval
-    excludes 0."""
+    percentile-bootstrap interval of the mean gain (volumes resampled with replacement), the fraction of
+    volumes the setting reconstructs better and, given each volume's site, the mean gain per site. "Above
+    the checkpoint" is only claimed when the interval excludes 0."""
     import numpy as np
 
     gain = np.asarray(psnr, dtype=np.float64) - np.asarray(initial, dtype=np.float64)
     rng = np.random.default_rng(seed)
     means = gain[rng.integers(0, gain.size, size=(n_boot, gain.size))].mean(1)
     lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"psnr_gain_over_initial_ci95": [float(lo), float(hi)],
-            "psnr_gain_volumes_improved": float((gain > 0).mean())}  # fmt: skip
+    out = {"psnr_gain_over_initial_ci95": [float(lo), float(hi)],
+           "psnr_gain_volumes_improved": float((gain > 0).mean()), "psnr_gain_per_site": None}  # fmt: skip
+    if sites is not None and len(sites) == gain.size:
+        out["psnr_gain_per_site"] = {
+            name: float(gain[[i for i, s in enumerate(sites) if s == name]].mean())
+            for name in dict.fromkeys(sites)
+        }
+    return out
 
 
 def _prior_codes(vq, train_sets: list, held, prof, prior_init: dict[str, torch.Tensor]):
@@ -392,7 +404,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_all = time.perf_counter()
     with contextlib.ExitStack() as stack:
         tmp = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        train_sets, held = _datasets(
+        train_sets, held, held_sites = _datasets(
             tmp,
             prof,
             args.sites,
@@ -445,7 +457,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             vq.load_state_dict(vq_state)
             ev = evaluate_vqvae(vq, held_loader, per_volume=True)
             psnr = ev["psnr_db"]
-            paired = _paired_gain(ev["psnr_db_per_volume"], init_eval["psnr_db_per_volume"], args.seed)
+            paired = _paired_gain(
+                ev["psnr_db_per_volume"],
+                init_eval["psnr_db_per_volume"],
+                args.seed,
+                held_sites,
+            )
             if args.no_prior:
                 out["results"][s["name"]] = {"vqvae_psnr_db": psnr, "prior_bits_per_code": None, **paired,
                                              "vqvae_privacy": acct_vq, "prior_privacy": None,

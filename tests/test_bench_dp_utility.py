@@ -131,6 +131,10 @@ def test_site_splits_and_frozen_checkpoint_codes(tmp_path) -> None:
     assert frozen["held_out"].startswith("site_splits") and frozen["held_out_subjects"] == 2
     assert frozen["usable_subjects_per_site"] == [2, 2]
     assert frozen["prior_codes"] == "init"
+    per_site = frozen["results"]["no_dp"]["psnr_gain_per_site"]  # one held-out volume per site, in site order
+    assert list(per_site) == ["site-1", "site-2"]
+    gain = frozen["results"]["no_dp"]["psnr_gain_over_initial_db"]
+    assert sum(per_site.values()) / 2 == pytest.approx(gain, abs=1e-5)  # float32 means vs a float64 mean
     moved = dpu.run(dpu.parse_args([*common, "--prior-codes", "no_dp"]))
     assert moved["prior_codes"] == "no_dp"
     # same checkpoint prior, different codes: the frozen codes are the checkpoint's, the others the fine-tune's
@@ -164,6 +168,6 @@ def test_workdir_reuses_the_simulated_sites_and_no_baseline_skips_no_dp(tmp_path
     assert first["initial"] == second["initial"]
     assert set(second["results"]) == {"dp_sgd_eps8"}
     r = second["results"]["dp_sgd_eps8"]
-    assert r["psnr_drop_db"] is None
+    assert r["psnr_drop_db"] is None and r["psnr_gain_per_site"] is None  # an unseen site: no site splits
     lo, hi = r["psnr_gain_over_initial_ci95"]
     assert lo <= r["psnr_gain_over_initial_db"] <= hi
