@@ -184,10 +184,10 @@ lr long on every trainable weight)."""
 
 DP_CLIP = 0.3
 """The DP sites' per-sample clip bound (``privacy.max_grad_norm``) in ``demo --dp`` from a checkpoint: the
-median per-sample gradient norm of the fine-tuned subsets on the checkpoint's public pre-training data
-(``bench/dp_clip.py``; never measured on a site's records). The noise is σ·C whatever C is, so the default
-C = 1, three times the typical norm, added three times the noise for no signal (no gain over the
-checkpoint at ε = 8, where 0.3 gains 0.04 dB)."""
+90th percentile of the per-sample gradient norms of ``decoder_out`` on the checkpoint's public pre-training
+data (median 0.25; the prior's ``prior_last`` 0.21; ``bench/dp_clip.py``, never measured on a site's
+records). The noise is σ·C whatever C is, so the default C = 1, four times the median norm, added noise that
+kept no signal: no gain over the checkpoint at ε = 8, where 0.3 gains 0.04 dB."""
 
 
 def _dp_site_privacy(epsilon_budget: float, from_checkpoint: bool) -> dict[str, Any]:
