@@ -295,16 +295,16 @@ def _paired_gain(
     psnr: list[float], initial: list[float], seed: int, sites: list[str] | None = None, n_boot: int = 2000
 ) -> dict[str, Any]:
     """A setting's held-out PSNR gain over the starting checkpoint, paired by held-out volume: the 95 %
-    percentile-bootstrap interval of the mean gain (volumes resampled with replacement), the fraction of
-    volumes the setting reconstructs better and, given each volume's site, the mean gain per site. "Above
-    the checkpoint" is only claimed when the interval excludes 0."""
+    percentile-bootstrap interval of the mean gain (volumes resampled with replacement; the paired summary
+    ``bench/prior_conditioning.py`` uses), the fraction of volumes the setting reconstructs better and,
+    given each volume's site, the mean gain per site. "Above the checkpoint" is only claimed when the
+    interval excludes 0."""
     import numpy as np
+    from prior_conditioning import paired_summary
 
     gain = np.asarray(psnr, dtype=np.float64) - np.asarray(initial, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = gain[rng.integers(0, gain.size, size=(n_boot, gain.size))].mean(1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    out = {"psnr_gain_over_initial_ci95": [float(lo), float(hi)],
+    summary = paired_summary(gain, n_boot=n_boot, seed=seed)
+    out = {"psnr_gain_over_initial_ci95": summary["ci95_bootstrap"],
            "psnr_gain_volumes_improved": float((gain > 0).mean()), "psnr_gain_per_site": None}  # fmt: skip
     if sites is not None and len(sites) == gain.size:
         out["psnr_gain_per_site"] = {
