@@ -182,9 +182,8 @@ def sample_cohort(
     from fl_app.generate.sampler import normalize_guidance, sample
     from fl_app.models.vqvae import decode
 
-    guidance = normalize_guidance(
-        guidance
-    )  # one recorded form; a bad weight fails before anything is written
+    # one recorded form (the command line's); a bad weight fails here, before anything is written
+    guidance = normalize_guidance(guidance)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -440,9 +440,10 @@ def evaluate_vqvae(
     res: dict[str, Any] = {"n_volumes": int(sum(len(p) for p in psnrs))}
     if not psnrs:
         return res | {k: math.nan for k in ("psnr_db", "ssim", "ms_ssim", "dice_mean")}
-    res["psnr_db"] = float(torch.cat(psnrs).mean())
+    psnr = torch.cat(psnrs)
+    res["psnr_db"] = float(psnr.mean())
     if per_volume:
-        res["psnr_db_per_volume"] = torch.cat(psnrs).tolist()
+        res["psnr_db_per_volume"] = psnr.tolist()
     res["ssim"] = float(torch.cat(ssims).mean())
     res["ms_ssim"] = float(torch.cat(msssims).mean())
     if dices:
